@@ -1,0 +1,3 @@
+from riskkernel.cli import main
+
+main()

@@ -1,0 +1,180 @@
+"""`rk run`: the command line of the process wrapper. The work is in `riskkernel.runner`."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
+
+HELP = """Run an agent command under a spend cap.
+
+The command's OpenAI SDK is pointed at a local proxy (OPENAI_BASE_URL) that meters and prices every call,
+refuses calls with HTTP 402 once a budget is spent, and cuts live streams at the cap. The run is kept in
+the ledger and a cost table is printed to stderr when the command exits.
+
+Exit status: the command's own; 3 if the run was halted and the command exited 0; 125 if rk could not
+start; 126/127 if the command could not be run; 128+N if it died of signal N.
+
+Example: rk run --max-cost 0.50 --max-calls 40 --max-time 10m -- python agent.py
+"""
+
+
+class OnHalt(StrEnum):
+    block = "block"
+    terminate = "terminate"
+
+
+BUDGET = "Budget"
+UPSTREAM = "Upstream and prices"
+OUTPUT = "Output"
+
+
+def run(
+    command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS]...", help="The agent command, verbatim.")],
+    max_cost: Annotated[
+        str,
+        typer.Option(
+            envvar=ENV["max_cost"],
+            rich_help_panel=BUDGET,
+            help="USD for the whole run; 0 = no paid call may be made; 'unlimited' to disable.",
+        ),
+    ] = DEFAULT_MAX_COST,
+    max_tokens: Annotated[
+        str, typer.Option(envvar=ENV["max_tokens"], rich_help_panel=BUDGET, help="Input + output tokens for the run.")
+    ] = UNLIMITED,
+    max_calls: Annotated[
+        str, typer.Option(envvar=ENV["max_calls"], rich_help_panel=BUDGET, help="Metered LLM calls for the run.")
+    ] = UNLIMITED,
+    max_time: Annotated[
+        str,
+        typer.Option(
+            envvar=ENV["max_time"],
+            rich_help_panel=BUDGET,
+            help="Wall clock from the start of the run: 90, 90s, 15m, 2h.",
+        ),
+    ] = UNLIMITED,
+    on_halt: Annotated[
+        OnHalt,
+        typer.Option(
+            envvar=ENV["on_halt"],
+            rich_help_panel=BUDGET,
+            help="block: later calls get 402 and the command keeps running. terminate: also SIGTERM "
+            "the command (SIGKILL after --grace).",
+        ),
+    ] = OnHalt.block,
+    grace: Annotated[
+        float,
+        typer.Option(
+            envvar=ENV["grace"], rich_help_panel=BUDGET, help="Seconds between SIGTERM and SIGKILL when terminating."
+        ),
+    ] = 10.0,
+    openai_upstream: Annotated[
+        str | None,
+        typer.Option(
+            envvar=ENV["openai_upstream"],
+            rich_help_panel=UPSTREAM,
+            show_default=False,
+            help="Where OpenAI calls go. Default: the OPENAI_BASE_URL rk was started with, else "
+            "https://api.openai.com/v1.",
+        ),
+    ] = None,
+    mock: Annotated[
+        bool,
+        typer.Option(
+            "--mock",
+            envvar=ENV["mock"],
+            rich_help_panel=UPSTREAM,
+            help="Answer calls with rk's own deterministic fake replies, priced at the real price: no key, no network.",
+        ),
+    ] = False,
+    price: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar=ENV["price"],
+            rich_help_panel=UPSTREAM,
+            metavar="MODEL=IN:OUT[:CACHED_IN]",
+            help="Price a model, USD per 1M tokens (repeatable). Overrides genai-prices.",
+        ),
+    ] = None,
+    allow_unpriced: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unpriced",
+            envvar=ENV["allow_unpriced"],
+            rich_help_panel=UPSTREAM,
+            help="Let calls to models with no known price through, flagged unpriced, instead of refusing them.",
+        ),
+    ] = False,
+    json_file: Annotated[
+        Path | None,
+        typer.Option("--json", metavar="FILE", rich_help_panel=OUTPUT, help="Also write the run's summary as JSON."),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", envvar=ENV["quiet"], rich_help_panel=OUTPUT, help="No start line or table.")
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option(envvar=ENV["name"], rich_help_panel=OUTPUT, help="A name for the run in the ledger.")
+    ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(envvar=ENV["tag"], rich_help_panel=OUTPUT, metavar="KEY=VALUE", help="Tag the run (repeatable)."),
+    ] = None,
+) -> None:
+    import asyncio
+
+    from riskkernel import runner
+    from riskkernel.cli import output
+    from riskkernel.config import RunSettings, parse_budget, parse_tags, parse_upstream
+    from riskkernel.pricing import parse_price_flag
+
+    settings = RunSettings(
+        budget=parse_budget(max_cost, max_tokens, max_calls, max_time),
+        on_halt=on_halt.value,
+        grace=grace,
+        openai_upstream=parse_upstream(openai_upstream),
+        mock=mock,
+        prices=tuple(parse_price_flag(p) for p in price or ()),
+        allow_unpriced=allow_unpriced,
+        json_file=json_file,
+        quiet=quiet,
+        name=name,
+        tags=parse_tags(tag or []),
+    )
+
+    def announce(record, url):  # type: ignore[no-untyped-def]
+        if not quiet:
+            mock_note = " · mock upstream" if mock else ""
+            output.stderr.print(
+                f"rk: run {record.run_id[:8]} · budget {output.budget_summary(record.budget)} · proxy {url}{mock_note}"
+            )
+
+    outcome = asyncio.run(runner.run(settings, command, announce))
+    if outcome.error:
+        output.error(outcome.error)
+    _report(outcome.run_id, quiet, json_file)
+    from riskkernel.cli import Finished
+
+    raise Finished(outcome.exit_status)
+
+
+def _report(run_id: str, quiet: bool, json_file: Path | None) -> None:
+    from riskkernel import paths
+    from riskkernel.cli import output
+    from riskkernel.ledger import store
+    from riskkernel.models import dumps
+
+    db = store.open_reader(paths.ledger_path())
+    assert db is not None  # the run was just written
+    try:
+        record = store.find_run(db, run_id)
+        if not quiet:
+            lines, refused = store.model_breakdown(db, run_id)
+            output.stderr.print(output.cost_table(record, lines, refused))
+        if json_file is not None:
+            json_file.write_text(dumps(record.to_json(list(store.iter_calls(db, run_id)))) + "\n")
+    finally:
+        db.close()

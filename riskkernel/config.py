@@ -1,0 +1,141 @@
+"""Settings: the values flags, `RK_*` variables and config files hold, and how each is read.
+
+Precedence is flag > environment > config file > built-in default. Click keeps that order for us: the
+config file becomes the command's `default_map`, which click consults after the command line and the
+environment and before the option's own default, and it remembers where each value came from.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from riskkernel.errors import ConfigError
+from riskkernel.models import Budget
+from riskkernel.pricing import Rates
+
+UNLIMITED = "unlimited"
+DEFAULT_MAX_COST = "5.00"
+
+# Settings a config file may hold, with the environment variable of each. Keys match the flags' names.
+ENV = {
+    "max_cost": "RK_MAX_COST",
+    "max_tokens": "RK_MAX_TOKENS",
+    "max_calls": "RK_MAX_CALLS",
+    "max_time": "RK_MAX_TIME",
+    "on_halt": "RK_ON_HALT",
+    "grace": "RK_GRACE",
+    "openai_upstream": "RK_OPENAI_UPSTREAM",
+    "mock": "RK_MOCK",
+    "allow_unpriced": "RK_ALLOW_UNPRICED",
+    "price": "RK_PRICE",
+    "name": "RK_NAME",
+    "tag": "RK_TAG",
+    "quiet": "RK_QUIET",
+}
+# Variables that would make a nested `rk run` bypass the outer one; never passed to a child.
+NOT_INHERITED = ("RK_OPENAI_UPSTREAM", "RK_MOCK")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    budget: Budget
+    on_halt: str = "block"
+    grace: float = 10.0
+    openai_upstream: str | None = None
+    mock: bool = False
+    prices: tuple[tuple[str, Rates], ...] = ()
+    allow_unpriced: bool = False
+    json_file: Path | None = None
+    quiet: bool = False
+    name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def parse_cost(text: str) -> Decimal | None:
+    value = text.strip().lower().lstrip("$")
+    if value == UNLIMITED:
+        return None
+    try:
+        cost = Decimal(value)
+    except InvalidOperation:
+        raise ConfigError(f"max cost {text!r}: expected dollars like 0.50, or 'unlimited'") from None
+    if not cost.is_finite() or cost < 0:
+        raise ConfigError(f"max cost {text!r}: must be zero or more dollars")
+    return cost
+
+
+def parse_count(text: str, what: str) -> int | None:
+    value = text.strip().lower().replace("_", "").replace(",", "")
+    if value == UNLIMITED:
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"max {what} {text!r}: expected a whole number, or 'unlimited'")
+    return int(value)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)?")
+
+
+def parse_duration(text: str) -> float | None:
+    """`90`, `90s`, `15m`, `2h` (seconds by default), or 'unlimited'."""
+    value = text.strip().lower()
+    if value == UNLIMITED:
+        return None
+    match = _DURATION.fullmatch(value)
+    if not match:
+        raise ConfigError(f"max time {text!r}: expected a duration like 90, 90s, 15m or 2h, or 'unlimited'")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    tags = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"tag {item!r}: expected KEY=VALUE")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def parse_upstream(url: str | None) -> str | None:
+    if url is None:
+        return None
+    if not re.match(r"https?://[^/\s]+", url):
+        raise ConfigError(f"upstream {url!r}: expected an http:// or https:// URL")
+    return url.rstrip("/")
+
+
+def parse_budget(max_cost: str, max_tokens: str, max_calls: str, max_time: str) -> Budget:
+    return Budget(
+        max_cost=parse_cost(max_cost),
+        max_tokens=parse_count(max_tokens, "tokens"),
+        max_calls=parse_count(max_calls, "calls"),
+        max_time=parse_duration(max_time),
+    )
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """A config file as a click default map for the commands that take these settings. Strict."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "tags" and isinstance(value, dict):
+            settings["tag"] = [f"{k}={v}" for k, v in value.items()]
+        elif key == "prices" and isinstance(value, dict):
+            settings["price"] = [f"{model}={spec}" for model, spec in value.items()]
+        elif key in ENV and key not in ("tag", "price"):
+            if not isinstance(value, str | int | float | bool):
+                raise ConfigError(f"{path}: {key} must be a string, number or boolean")
+            settings[key] = value if isinstance(value, bool) else str(value)
+        else:
+            known = ", ".join(sorted([k for k in ENV if k not in ("tag", "price")] + ["tags", "prices"]))
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
+    return {"run": settings}

@@ -1,0 +1,102 @@
+"""The ledger's schema, as append-only named migrations. Never edit one that has shipped: add another.
+
+Each migration runs in its own transaction and is recorded in `_migrations`. Money is stored as whole
+picodollars (INTEGER): exact, and summable by SQLite without floats. Timestamps are ISO-8601 UTC text.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Apply the migrations this database lacks, in order; return the names applied.
+
+    `db` must be in autocommit mode (`isolation_level=None`) so that each migration's transaction,
+    DDL included, is the explicit one here.
+    """
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    applied = []
+    for fn in MIGRATIONS:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,)).fetchone():
+                db.execute("ROLLBACK")
+                continue
+            fn(db)
+            db.execute(
+                "INSERT INTO _migrations (name, applied_at) VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ'))",
+                (fn.__name__,),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        applied.append(fn.__name__)
+    return applied
+
+
+@migration
+def m001_runs_and_calls(db: sqlite3.Connection) -> None:
+    db.execute(
+        """
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            name TEXT,
+            command TEXT NOT NULL,
+            cwd TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            budget TEXT NOT NULL,
+            status TEXT NOT NULL,
+            halt_reason TEXT,
+            exit_status INTEGER,
+            tags TEXT NOT NULL DEFAULT '{}',
+            owner TEXT,
+            calls INTEGER NOT NULL DEFAULT 0,
+            input_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_pusd INTEGER NOT NULL DEFAULT 0
+        )
+        """
+    )
+    db.execute("CREATE INDEX runs_started_at ON runs (started_at)")
+    db.execute(
+        """
+        CREATE TABLE calls (
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            started_at TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            requested_model TEXT,
+            model TEXT,
+            stream INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            cache_write_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL,
+            cost_pusd INTEGER NOT NULL,
+            price_source TEXT,
+            flags TEXT NOT NULL,
+            latency_ms REAL NOT NULL,
+            ttfb_ms REAL,
+            error TEXT,
+            PRIMARY KEY (run_id, seq)
+        ) WITHOUT ROWID
+        """
+    )

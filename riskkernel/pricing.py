@@ -1,0 +1,220 @@
+"""What a call costs: genai-prices (pinned) with the user's overrides on top.
+
+A genai-prices lookup costs about as much as a whole proxy hop and importing it takes 0.2 s, so a model's
+rates are resolved once into `Rates` (the first time off the event loop, by the caller's choice of thread)
+and every call is then priced with a few `Decimal` multiplications. `Rates.cost` follows genai-prices'
+rules, which the tests check against `genai_prices.calc_price`:
+
+- `input_tokens` is all input; cache reads, cache writes and audio are parts of it, each priced at its
+  own rate, and at the plain input rate when the model has none. 1-hour cache writes are a part of the
+  cache writes. Output likewise: reasoning is plain output, audio has its own rate.
+- A tiered rate is a cliff: once the call's input crosses a tier's start, every token pays the tier's rate.
+
+Model names are matched as served: case-insensitive, `openai/` and `anthropic/` prefixes stripped, dated
+snapshots (`gpt-4o-2024-08-06`) resolved by genai-prices, and by the overrides too. An unknown model is
+`None`, never a silent zero.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+
+from riskkernel.errors import ConfigError
+from riskkernel.models import PICO, Usage
+
+MILLION = Decimal(1_000_000)
+_PREFIXES = ("openai/", "anthropic/")
+
+
+@dataclass(frozen=True, slots=True)
+class Tiered:
+    base: Decimal
+    tiers: tuple[tuple[int, Decimal], ...]  # (start, rate), ascending
+
+    def at(self, total_input: int) -> Decimal:
+        for start, rate in reversed(self.tiers):
+            if total_input > start:
+                return rate
+        return self.base
+
+
+Rate = Decimal | Tiered
+
+
+def _rate(rate: Rate | None, total_input: int, fallback: Decimal) -> Decimal:
+    if rate is None:
+        return fallback
+    return rate if isinstance(rate, Decimal) else rate.at(total_input)
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per 1M tokens (per 1,000 requests for `per_kilo_request`), and where they came from."""
+
+    input: Rate
+    output: Rate | None = None
+    cache_read: Rate | None = None
+    cache_write: Rate | None = None
+    cache_write_1h: Rate | None = None
+    input_audio: Rate | None = None
+    output_audio: Rate | None = None
+    per_kilo_request: Decimal | None = None
+    source: str = ""
+
+    def cost(self, usage: Usage) -> Decimal:
+        """USD, rounded to the picodollar the ledger keeps (exact for any rate with six decimals or fewer)."""
+        total_in = usage.input_tokens
+        inp = _rate(self.input, total_in, Decimal(0))
+        out = _rate(self.output, total_in, Decimal(0))
+        cache_write = _rate(self.cache_write, total_in, inp)
+        plain_in = total_in - usage.cached_input_tokens - usage.cache_write_tokens - usage.input_audio_tokens
+        cost = (
+            max(plain_in, 0) * inp
+            + usage.cached_input_tokens * _rate(self.cache_read, total_in, inp)
+            + (usage.cache_write_tokens - usage.cache_write_1h_tokens) * cache_write
+            + usage.cache_write_1h_tokens * _rate(self.cache_write_1h, total_in, cache_write)
+            + usage.input_audio_tokens * _rate(self.input_audio, total_in, inp)
+            + (usage.output_tokens - usage.output_audio_tokens) * out
+            + usage.output_audio_tokens * _rate(self.output_audio, total_in, out)
+        ) / MILLION
+        if self.per_kilo_request:
+            cost += self.per_kilo_request / 1000
+        return cost.quantize(PICO)
+
+    def output_per_token(self, total_input: int) -> Decimal:
+        """USD per plain output token for a call with this much input: what a live stream is metered at."""
+        return _rate(self.output, total_input, Decimal(0)) / MILLION
+
+
+def normalize_model(name: str) -> str:
+    name = name.strip().lower()
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def _decimal(text: str, what: str) -> Decimal:
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise ConfigError(f"{what}: {text!r} is not a number") from None
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"{what}: {text!r} must be a non-negative number")
+    return value
+
+
+def parse_price_flag(text: str) -> tuple[str, Rates]:
+    """`MODEL=IN:OUT[:CACHED_IN]` in USD per 1M tokens, as `--price` takes it."""
+    model, eq, spec = text.partition("=")
+    parts = spec.split(":")
+    if not eq or not model.strip() or len(parts) not in (2, 3):
+        raise ConfigError(f"--price {text!r}: expected MODEL=IN:OUT[:CACHED_IN] in USD per 1M tokens")
+    what = f"--price {text!r}"
+    rates = Rates(
+        input=_decimal(parts[0], what),
+        output=_decimal(parts[1], what),
+        cache_read=_decimal(parts[2], what) if len(parts) == 3 else None,
+        source="--price",
+    )
+    return normalize_model(model), rates
+
+
+class _Missing:
+    pass
+
+
+MISSING = _Missing()
+_DATED = r"-\d{4}-?\d{2}-?\d{2}"
+
+
+class PriceBook:
+    """Rates by model: user overrides first, then genai-prices. Safe to share across threads."""
+
+    def __init__(self, overrides: Iterable[tuple[str, Rates]] = ()) -> None:
+        self._overrides = [(re.compile(re.escape(name) + f"(?:{_DATED})?"), rates) for name, rates in overrides]
+        self._cache: dict[tuple[str, str | None, str | None, str], Rates | None] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(model: str, provider: str | None, tier: str | None) -> tuple[str, str | None, str | None, str]:
+        return normalize_model(model), provider, tier, datetime.now(UTC).date().isoformat()
+
+    def cached(self, model: str, provider: str | None = None, tier: str | None = None) -> Rates | _Missing | None:
+        """The rates if already resolved, else MISSING. Never slow: safe on the event loop."""
+        return self._cache.get(self._key(model, provider, tier), MISSING)
+
+    def resolve(self, model: str, provider: str | None = None, tier: str | None = None) -> Rates | None:
+        """The rates for a model as served, or None if no price is known. Slow the first time."""
+        key = self._key(model, provider, tier)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+            name = key[0]
+            rates = next((r for pattern, r in self._overrides if pattern.fullmatch(name)), None)
+            if rates is None:
+                rates = _from_genai_prices(name, provider, tier)
+            self._cache[key] = rates
+            return rates
+
+
+_PRICE_KEYS = {
+    "input_mtok": "input",
+    "output_mtok": "output",
+    "cache_read_mtok": "cache_read",
+    "cache_write_mtok": "cache_write",
+    "cache_write_5m_mtok": "cache_write",
+    "cache_write_1h_mtok": "cache_write_1h",
+    "input_audio_mtok": "input_audio",
+    "output_audio_mtok": "output_audio",
+}
+
+
+def genai_prices_version() -> str:
+    from importlib.metadata import version
+
+    return version("genai-prices")
+
+
+def _from_genai_prices(name: str, provider_hint: str | None, tier: str | None) -> Rates | None:
+    from genai_prices import data_snapshot, types
+
+    snapshot = data_snapshot.get_snapshot()
+    try:
+        provider, info = snapshot.find_provider_model(name, None, None, None)
+    except LookupError:
+        if provider_hint is None:
+            return None
+        try:
+            provider, info = snapshot.find_provider_model(name, None, provider_hint, None)
+        except LookupError:
+            return None
+    # Price variants (service tiers) belong to a provider's own models, as in genai-prices' calc_price.
+    own_model = any(info is m for m in provider.models)
+    context = {"service_tier": tier} if tier and own_model else None
+    prices = info.get_prices(datetime.now(UTC), context)  # type: ignore[arg-type]
+
+    def convert(value: object) -> Rate | None:
+        if isinstance(value, types.TieredPrices):
+            return Tiered(value.base, tuple((t.start, t.price) for t in value.tiers))
+        return value if isinstance(value, Decimal) else None
+
+    values: dict[str, Rate | None] = {}
+    for price_key, attr in _PRICE_KEYS.items():
+        rate = convert(getattr(prices, price_key, None))
+        if rate is not None:
+            values.setdefault(attr, rate)
+    if "input" not in values and "output" not in values:
+        return None  # priced by units rk does not meter (audio hours, characters)
+    per_kilo_request = getattr(prices, "requests_kcount", None)
+    return Rates(
+        input=values.pop("input", None) or Decimal(0),
+        per_kilo_request=per_kilo_request if isinstance(per_kilo_request, Decimal) else None,
+        source=f"genai-prices {genai_prices_version()}: {provider.id}/{info.id}",
+        **values,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,91 @@
+"""An incremental, sans-IO Server-Sent Events decoder that keeps every event's exact bytes.
+
+`feed(bytes)` returns the events completed by those bytes; `flush()` returns what is left at the end of
+the stream. Each event carries `raw`, the exact bytes it arrived as (terminating blank line included), so
+a relay can forward events unchanged, drop one, or hold one back, and the bytes it forwards are always
+the upstream's own. Line endings are LF, CRLF or CR, as the SSE specification allows; an event may be
+split across any number of feeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Event:
+    raw: bytes
+    event: str | None = None
+    data: str | None = None  # data lines joined by "\n"; None when the block had no data field
+
+
+class SSEDecoder:
+    __slots__ = ("_buf", "_data", "_event", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = b""  # bytes of the event being received
+        self._pos = 0  # where the next unparsed line starts in _buf
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def __len__(self) -> int:
+        """Bytes held for an event not yet complete."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buf = self._buf + chunk if self._buf else chunk
+        events: list[Event] = []
+        start = 0
+        pos = self._pos
+        end = len(buf)
+        while pos < end:
+            lf = buf.find(b"\n", pos)
+            cr = buf.find(b"\r", pos, end if lf < 0 else lf)
+            if cr >= 0:
+                if cr + 1 == end:
+                    break  # a CR at the end may be the first half of a CRLF: wait for the next byte
+                line_end = cr
+                nxt = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
+            elif lf >= 0:
+                line_end, nxt = lf, lf + 1
+            else:
+                break
+            if line_end == pos:
+                events.append(self._dispatch(buf[start:nxt]))
+                start = nxt
+            else:
+                self._field(buf[pos:line_end])
+            pos = nxt
+        self._buf = buf[start:]
+        self._pos = pos - start
+        return events
+
+    def flush(self) -> tuple[bytes, Event | None]:
+        """End of stream: the bytes of an unterminated last event, and that event if it carried data.
+
+        The specification discards an unterminated event; clients differ, so the caller decides what to
+        do with it (a relay forwards the bytes either way).
+        """
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            self._field(buf[pos:].rstrip(b"\r\n"))
+        event = self._dispatch(buf) if self._data else None
+        self._buf, self._pos = b"", 0
+        self._event, self._data = None, []
+        return buf, event
+
+    def _field(self, line: bytes) -> None:
+        if line[:1] == b":":
+            return
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+
+    def _dispatch(self, raw: bytes) -> Event:
+        event = Event(raw, self._event, "\n".join(self._data) if self._data else None)
+        self._event, self._data = None, []
+        return event

@@ -1,0 +1,77 @@
+"""A run as this process serves it: its governor, its live calls, and what happens when it halts.
+
+The governor decides; `LiveRun` carries the consequences out on the event loop: a halt cuts every live
+stream of the run (by closing its upstream response, which wakes the relay at once) and tells whoever
+listens (the runner terminates the child under `--on-halt terminate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from riskkernel.governor import Governor
+from riskkernel.ledger.store import Ledger
+from riskkernel.models import HaltReason, RunRecord
+
+
+class LiveCall:
+    """An admitted call in flight; `cut()` ends it from outside its own task."""
+
+    __slots__ = ("cut_reason", "upstream")
+
+    def __init__(self) -> None:
+        self.cut_reason: HaltReason | None = None
+        self.upstream: aiohttp.ClientResponse | None = None
+
+    def cut(self, reason: HaltReason) -> None:
+        if self.cut_reason is None:
+            self.cut_reason = reason
+            if self.upstream is not None:
+                self.upstream.close()
+
+
+class LiveRun:
+    def __init__(self, record: RunRecord, ledger: Ledger) -> None:
+        self.record = record
+        self.id = record.run_id
+        self.ledger = ledger
+        self.governor = Governor(record.budget, record.run_id, time.monotonic())
+        self.calls: set[LiveCall] = set()
+        self.halt_listeners: list[Callable[[HaltReason], None]] = []
+        self._seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def start_clock(self) -> None:
+        """Halt the run when its time budget runs out, even if no call is made then."""
+        deadline = self.governor.deadline()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + deadline - time.monotonic(), self.halt, HaltReason.TIME)
+
+    def stop_clock(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def halt(self, reason: HaltReason) -> None:
+        if self.governor.halt(reason):
+            self.halted(reason)
+
+    def check_time(self) -> None:
+        if self.governor.check_time(time.monotonic()):
+            self.halted(HaltReason.TIME)
+
+    def halted(self, reason: HaltReason) -> None:
+        """The governor has just halted the run: cut its streams and tell the listeners."""
+        self.stop_clock()
+        for call in list(self.calls):
+            call.cut(reason)
+        for listener in self.halt_listeners:
+            listener(reason)

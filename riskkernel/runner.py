@@ -1,0 +1,220 @@
+"""`rk run`: a proxy on an ephemeral loopback port, the child pointed at it, and the child's exit turned
+into the run's end.
+
+Process groups: on a terminal (stdin is a tty and rk is in its foreground group) the child shares rk's
+group, so it owns the terminal exactly as it would without rk and gets Ctrl-C from it directly; rk then
+halts the run (`killed`) without sending a second SIGINT. Elsewhere (CI, scripts) the child gets a group
+of its own, so `--on-halt terminate` can stop the agent and everything it spawned without touching rk or
+its neighbours in a pipeline; signals rk receives are passed on to that group, as they would have
+reached it had rk not moved it. A second Ctrl-C (or SIGINT) terminates the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from riskkernel import paths
+from riskkernel.config import NOT_INHERITED, RunSettings
+from riskkernel.errors import ExitCode
+from riskkernel.ledger.store import Ledger, owner_id
+from riskkernel.models import HaltReason, RunRecord, RunStatus, now_iso
+from riskkernel.pricing import PriceBook
+from riskkernel.providers import openai
+from riskkernel.proxy import serve
+from riskkernel.proxy.app import Proxy, make_app
+from riskkernel.proxy.mock import MOCK_KEYS, make_mock_app
+from riskkernel.proxy.run import LiveRun
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    exit_status: int
+    halt_reason: str | None
+    error: str | None = None  # why the child could not be started
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
+def child_env(parent: dict[str, str], proxy_url: str, run_id: str, mock: bool) -> dict[str, str]:
+    env = {k: v for k, v in parent.items() if k not in NOT_INHERITED}
+    env.update(
+        OPENAI_BASE_URL=f"{proxy_url}/v1",
+        OPENAI_API_BASE=f"{proxy_url}/v1",
+        RK_RUN_ID=run_id,
+        RK_PROXY_URL=proxy_url,
+    )
+    if mock:
+        for key, value in MOCK_KEYS.items():
+            env.setdefault(key, value)
+    return env
+
+
+def exit_status(returncode: int, halted: bool, terminated: bool = False) -> int:
+    """The run's exit status. A child that rk itself terminated because the run halted counts as halted."""
+    if terminated or (halted and returncode == 0):
+        return ExitCode.HALTED
+    if returncode < 0:
+        return ExitCode.SIGNALLED + -returncode
+    return returncode
+
+
+def new_record(settings: RunSettings, argv: list[str]) -> RunRecord:
+    return RunRecord(
+        run_id=new_run_id(),
+        name=settings.name,
+        command=tuple(argv),
+        cwd=os.getcwd(),
+        started_at=now_iso(),
+        budget=settings.budget,
+        tags=settings.tags,
+        owner=owner_id(),
+    )
+
+
+async def start_proxy(settings: RunSettings, live: LiveRun) -> tuple[list[web.AppRunner], str]:
+    """Serve the proxy for a run (and the mock upstream under --mock): the servers, proxy first, and its URL."""
+    servers = []
+    upstream = settings.openai_upstream or os.environ.get("OPENAI_BASE_URL") or openai.DEFAULT_UPSTREAM
+    if settings.mock:
+        mock, mock_url = await serve(make_mock_app())
+        servers.append(mock)
+        upstream = f"{mock_url}/v1"
+    proxy = Proxy(
+        run=live,
+        upstreams={openai.PROVIDER: upstream},
+        prices=PriceBook(settings.prices),
+        allow_unpriced=settings.allow_unpriced,
+    )
+    try:
+        server, url = await serve(make_app(proxy))
+    except BaseException:
+        for runner in servers:
+            await runner.cleanup()
+        raise
+    return [server, *servers], url
+
+
+async def run(
+    settings: RunSettings, argv: list[str], announce: Callable[[RunRecord, str], None] = lambda record, url: None
+) -> Outcome:
+    """Run `argv` under a proxy that enforces `settings`; the ledger holds the run when this returns."""
+    ledger = await asyncio.to_thread(Ledger.open, paths.ledger_path())
+    record = new_record(settings, argv)
+    live = LiveRun(record, ledger)
+    servers: list[web.AppRunner] = []
+    status = int(ExitCode.RK_FAILED)
+    terminated = False
+    error = None
+    try:
+        await asyncio.wrap_future(ledger.create_run(record))
+        servers, url = await start_proxy(settings, live)
+        announce(record, url)
+        env = child_env(dict(os.environ), url, record.run_id, settings.mock)
+        try:
+            status, terminated = await _supervise(argv, env, live, settings)
+        except _ChildError as exc:
+            status, error = exc.code, str(exc)
+    finally:
+        live.stop_clock()
+        for server in servers:  # the proxy first: its calls in flight may still need the mock
+            await server.cleanup()
+        halt = live.governor.halt_reason
+        final = exit_status(status, halt is not None, terminated)
+        run_status = RunStatus.HALTED if halt is not None else RunStatus.COMPLETED
+        try:
+            await asyncio.wrap_future(ledger.finish_run(record.run_id, run_status, halt, final))
+        finally:
+            await asyncio.to_thread(ledger.close)
+    return Outcome(record.run_id, final, halt, error)
+
+
+def _interactive() -> bool:
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
+async def _supervise(
+    argv: list[str], env: dict[str, str], live: LiveRun, settings: RunSettings
+) -> tuple[int, bool]:
+    """Start the child and wait for it: its raw return code (negative for a signal), and whether rk
+    terminated it because the run halted."""
+    interactive = _interactive()
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, env=env, process_group=None if interactive else 0)
+    except FileNotFoundError:
+        raise _ChildError(ExitCode.NOT_FOUND, f"command not found: {argv[0]}") from None
+    except PermissionError:
+        raise _ChildError(ExitCode.NOT_EXECUTABLE, f"permission denied: {argv[0]}") from None
+    except OSError as exc:
+        raise _ChildError(ExitCode.NOT_EXECUTABLE, f"cannot run {argv[0]}: {exc.strerror}") from None
+
+    loop = asyncio.get_running_loop()
+    kill_timer: asyncio.TimerHandle | None = None
+    interrupts = 0
+    halted_terminate = False
+
+    def signal_child(sig: int) -> None:
+        try:
+            if interactive:
+                proc.send_signal(sig)
+            else:
+                os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def terminate() -> None:
+        nonlocal kill_timer
+        if kill_timer is None and proc.returncode is None:
+            signal_child(signal.SIGTERM)
+            kill_timer = loop.call_later(settings.grace, signal_child, signal.SIGKILL)
+
+    def on_interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            live.halt(HaltReason.KILLED)
+            if not interactive:
+                signal_child(signal.SIGINT)
+        else:
+            terminate()
+
+    def on_halt(reason: HaltReason) -> None:
+        nonlocal halted_terminate
+        if settings.on_halt == "terminate" and proc.returncode is None:
+            halted_terminate = True
+            terminate()
+
+    for sig in FORWARDED_SIGNALS:
+        loop.add_signal_handler(sig, signal_child, sig)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    live.halt_listeners.append(on_halt)
+    live.start_clock()
+    try:
+        return await proc.wait(), halted_terminate
+    finally:
+        for sig in (*FORWARDED_SIGNALS, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if kill_timer is not None:
+            kill_timer.cancel()
+
+
+class _ChildError(Exception):
+    """The child could not be started; `code` is the exit status (126 or 127)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code

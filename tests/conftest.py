@@ -1,0 +1,139 @@
+"""Shared fixtures: every test gets its own data dir (RK_HOME), a fake OpenAI upstream on a loopback port,
+and a way to start rk's own proxy for a run in-process, wired exactly as `rk run` wires it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from riskkernel import paths, runner
+from riskkernel.config import RunSettings
+from riskkernel.ledger import store
+from riskkernel.ledger.store import Ledger
+from riskkernel.models import Budget, CallRecord, RunRecord
+from riskkernel.proxy.run import LiveRun
+from tests.fakes import FakeOpenAI
+
+SECRET = "sk-test-SECRETMARKER-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def rk_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "rk-home"
+    monkeypatch.setenv("RK_HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith(("RK_", "OPENAI_", "ANTHROPIC_")) and name != "RK_HOME":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    upstream = await FakeOpenAI().start()
+    yield upstream
+    await upstream.stop()
+
+
+@dataclass
+class Harness:
+    """rk's proxy serving one run, and an `openai` client pointed at it."""
+
+    url: str
+    live: LiveRun
+    ledger: Ledger
+    servers: list[Any]
+    client: openai.AsyncOpenAI
+    extra_clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return self.live.id
+
+    def calls(self) -> list[CallRecord]:
+        db = store.open_reader(paths.ledger_path())
+        assert db is not None
+        try:
+            return list(store.iter_calls(db, self.run_id))
+        finally:
+            db.close()
+
+    def record(self) -> RunRecord:
+        db = store.open_reader(paths.ledger_path())
+        assert db is not None
+        try:
+            return store.find_run(db, self.run_id)
+        finally:
+            db.close()
+
+    def new_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=SECRET, **{"max_retries": 0, **kwargs})
+        self.extra_clients.append(client)
+        return client
+
+
+StartProxy = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def start_proxy(fake: FakeOpenAI) -> AsyncIterator[StartProxy]:
+    started: list[Harness] = []
+
+    async def start(budget: Budget | None = None, **settings: Any) -> Harness:
+        settings.setdefault("openai_upstream", fake.url)
+        config = RunSettings(budget=budget or Budget(max_cost=None), **settings)
+        ledger = Ledger.open(paths.ledger_path())
+        record = runner.new_record(config, ["agent"])
+        ledger.create_run(record).result()
+        live = LiveRun(record, ledger)
+        live.start_clock()
+        servers, url = await runner.start_proxy(config, live)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
+        harness = Harness(url, live, ledger, servers, client)
+        started.append(harness)
+        return harness
+
+    yield start
+    for harness in started:
+        for client in [harness.client, *harness.extra_clients]:
+            await client.close()
+        harness.live.stop_clock()
+        for server in harness.servers:
+            await server.cleanup()
+        harness.ledger.close()
+
+
+@dataclass
+class Finished:
+    status: int
+    stdout: bytes
+    stderr: str
+
+
+async def rk(*args: str, env: dict[str, str] | None = None, timeout: float = 30, **kwargs: Any) -> Finished:
+    """Run `rk ARGS` as a real subprocess (`python -m riskkernel`) and wait for it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "riskkernel", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})}, **kwargs,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return Finished(proc.returncode, out, err.decode())
+
+
+def agent_script(tmp_path: Path, body: str, name: str = "agent.py") -> str:
+    """Write a child agent script (the openai SDK is importable) and return its path."""
+    path = tmp_path / name
+    prelude = "import openai, os, sys\nclient = openai.OpenAI(max_retries=0, api_key=os.environ.get('OPENAI_API_KEY', 'sk-x'))\n"
+    path.write_text(prelude + body)
+    return str(path)

@@ -1,0 +1,132 @@
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from riskkernel.ledger import store
+from riskkernel.ledger.migrations import migrate
+from riskkernel.ledger.store import Ledger
+from riskkernel.models import Budget, CallRecord, Flag, RunRecord, RunStatus, Usage, now_iso
+
+EXPECTED_SCHEMA = {
+    "_migrations": ["name", "applied_at"],
+    "runs": [
+        "id", "name", "command", "cwd", "started_at", "ended_at", "budget", "status", "halt_reason", "exit_status",
+        "tags", "owner", "calls", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
+        "reasoning_tokens", "cost_pusd",
+    ],
+    "calls": [
+        "run_id", "seq", "started_at", "endpoint", "provider", "requested_model", "model", "stream", "status",
+        "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "cost_pusd",
+        "price_source", "flags", "latency_ms", "ttfb_ms", "error",
+    ],
+}  # fmt: skip
+
+
+def schema(db: sqlite3.Connection) -> dict[str, list[str]]:
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    return {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")] for t in tables}
+
+
+def test_migrating_an_empty_database_gives_the_expected_schema_once(tmp_path: Path) -> None:
+    db = store.connect(tmp_path / "l.db")
+    assert migrate(db) == ["m001_runs_and_calls"]
+    assert schema(db) == EXPECTED_SCHEMA
+    assert migrate(db) == []
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_ledger_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "ledger.db"
+    Ledger.open(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def run_record(run_id: str = "r1", owner: str | None = None) -> RunRecord:
+    return RunRecord(run_id=run_id, name="n", command=("python", "a.py"), cwd="/w", started_at=now_iso(),
+                     budget=Budget(max_cost=Decimal("0.50")), tags={"team": "x"},
+                     owner=owner or store.owner_id())  # fmt: skip
+
+
+def call(seq: int, cost: str = "0.001", flags: tuple[str, ...] = (), run_id: str = "r1") -> CallRecord:
+    return CallRecord(run_id=run_id, seq=seq, started_at=now_iso(), endpoint="/v1/chat/completions",
+                      provider="openai", requested_model="gpt-4o", model="gpt-4o-2024-08-06", stream=True,
+                      status=200, usage=Usage(input_tokens=100, cached_input_tokens=10, output_tokens=20),
+                      cost=Decimal(cost), price_source="p", flags=flags, latency_ms=12.34, ttfb_ms=1.5)  # fmt: skip
+
+
+def test_runs_and_calls_round_trip_with_totals(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    ledger = Ledger.open(path)
+    ledger.create_run(run_record()).result()
+    for seq in (1, 2):
+        ledger.record_call(call(seq, "0.000123456789")).result()
+    ledger.record_call(call(3, "0", flags=(Flag.REFUSED,))).result()
+    ledger.finish_run("r1", RunStatus.HALTED, "cost_budget_exceeded", 3).result()
+    ledger.close()
+
+    db = store.open_reader(path)
+    assert db is not None
+    run = store.find_run(db, "r")
+    assert run.status == RunStatus.HALTED and run.exit_status == 3
+    assert run.totals.calls == 2 and run.totals.cost == Decimal("0.000246913578")
+    assert run.totals.usage.input_tokens == 200
+    calls = list(store.iter_calls(db, "r1"))
+    assert [c.seq for c in calls] == [1, 2, 3]
+    assert calls[0].to_json()["cost_usd"] == "0.000123456789" and calls[2].flags == ("refused",)
+    lines, refused = store.model_breakdown(db, "r1")
+    assert refused == 1 and [(l.model, l.calls) for l in lines] == [("gpt-4o-2024-08-06", 2)]
+    data = run.to_json(calls)
+    assert data["budget"] == {"max_cost_usd": "0.50", "max_tokens": None, "max_calls": None, "max_time_s": None}
+    assert data["totals"]["cost_usd"] == "0.000246913578"
+    json.dumps(data)
+
+
+def test_one_bad_write_does_not_lose_the_others(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l.db")
+    ledger.create_run(run_record()).result()
+    futures = [ledger.record_call(call(1)), ledger.record_call(call(1)), ledger.record_call(call(2))]
+    ledger.close()
+    assert futures[0].exception() is None and futures[2].exception() is None
+    assert "UNIQUE constraint" in str(futures[1].exception())
+    db = store.open_reader(tmp_path / "l.db")
+    assert db is not None and [c.seq for c in store.iter_calls(db, "r1")] == [1, 2]
+
+
+def test_prefixes_must_be_unambiguous(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l.db")
+    for run_id in ("abc1", "abc2", "xyz"):
+        ledger.create_run(run_record(run_id)).result()
+    ledger.close()
+    db = store.open_reader(tmp_path / "l.db")
+    assert db is not None
+    assert store.find_run(db, "x").run_id == "xyz"
+    with pytest.raises(LookupError, match="several"):
+        store.find_run(db, "abc")
+    with pytest.raises(LookupError, match="no run"):
+        store.find_run(db, "q")
+    assert [r.run_id for r in store.list_runs(db, 2)] == ["xyz", "abc2"]
+
+
+def test_a_run_whose_owner_died_reads_as_interrupted(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    host = store.owner_id().split(":")[0]
+    ledger = Ledger.open(tmp_path / "l.db")
+    ledger.create_run(run_record("dead", owner=f"{host}:{pid}:1")).result()
+    ledger.create_run(run_record("alive")).result()
+    ledger.record_call(call(1, run_id="dead")).result()
+    ledger.close()
+    db = store.open_reader(tmp_path / "l.db")
+    assert db is not None
+    assert store.find_run(db, "dead").status == RunStatus.INTERRUPTED
+    assert store.find_run(db, "dead").ended_at is not None
+    assert store.find_run(db, "alive").status == RunStatus.RUNNING
+    assert os.getpid() != pid

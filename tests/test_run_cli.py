@@ -1,0 +1,276 @@
+"""`rk run` as a real subprocess: the child's environment and output, exit statuses, signals, the ledger
+and the summary it leaves, and secrets that never leak."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from riskkernel import paths
+from tests.conftest import ROOT, SECRET, agent_script, rk
+from tests.fakes import FakeOpenAI, Reply, usage
+
+PY = sys.executable
+TWO_CALLS = """
+for i in range(2):
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        print("call", i, "ok")
+    except openai.APIStatusError as exc:
+        print("call", i, exc.status_code, exc.code)
+"""
+
+
+def key_env(fake: FakeOpenAI | None = None) -> dict[str, str]:
+    env = {"OPENAI_API_KEY": SECRET}
+    if fake is not None:
+        env["OPENAI_BASE_URL"] = fake.url  # the upstream rk takes over from the parent environment
+    return env
+
+
+async def test_the_runaway_example_is_stopped_at_the_cap_under_mock() -> None:
+    done = await rk("run", "--mock", "--max-cost", "0.05", "--", PY, str(ROOT / "examples" / "runaway_agent.py"))
+    assert done.status == 3, done.stderr
+    out = done.stdout.decode()
+    assert "turn 1:" in out and "HTTP 402" in out and "rk: cost budget exceeded" in out
+    assert "halted: cost_budget_exceeded" in done.stderr and "gpt-4o" in done.stderr
+    assert "budget: cost $0.05" in done.stderr
+
+
+async def test_the_tools_example_runs_under_mock() -> None:
+    done = await rk("run", "--mock", "--", PY, str(ROOT / "examples" / "openai_tools_agent.py"))
+    assert done.status == 0, done.stderr + done.stdout.decode()
+    assert done.stdout.decode().startswith("final answer: ")
+
+
+async def test_the_child_gets_the_proxy_in_its_environment(tmp_path: Path, fake: FakeOpenAI) -> None:
+    script = agent_script(tmp_path, "print(os.environ['OPENAI_BASE_URL'], os.environ['OPENAI_API_BASE'],"
+                          " os.environ['RK_RUN_ID'], os.environ['RK_PROXY_URL'], os.environ.get('RK_OPENAI_UPSTREAM'))")  # fmt: skip
+    done = await rk("run", "--quiet", "--", PY, script, env={"RK_OPENAI_UPSTREAM": fake.url, **key_env()})
+    base, api_base, run_id, proxy_url, inherited = done.stdout.decode().split()
+    assert base == api_base == f"{proxy_url}/v1" and proxy_url.startswith("http://127.0.0.1:")
+    assert len(run_id) == 16 and inherited == "None"
+    assert done.stderr == ""
+
+
+async def test_calls_go_to_the_upstream_the_parent_environment_named(tmp_path: Path, fake: FakeOpenAI) -> None:
+    done = await rk("run", "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))
+    assert done.status == 0, done.stderr
+    assert len(fake.requests) == 2
+    assert fake.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
+
+
+async def test_stdout_belongs_to_the_child(tmp_path: Path, fake: FakeOpenAI) -> None:
+    payload = b"\x00\x01 binary \xff\n" + b"line\n" * 2000
+    script = agent_script(tmp_path, f"client.chat.completions.create(model='gpt-4o', messages=[])\n"
+                          f"sys.stdout.buffer.write({payload!r})")  # fmt: skip
+    done = await rk("run", "--", PY, script, env=key_env(fake))
+    assert done.stdout == payload
+    assert "rk · run" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "flags", "status"),
+    [
+        ("sys.exit(0)", [], 0),
+        ("sys.exit(7)", [], 7),
+        ("import signal; os.kill(os.getpid(), signal.SIGTERM)", [], 128 + signal.SIGTERM),
+        (TWO_CALLS, ["--max-calls", "1"], 3),  # halted, and the child exited 0
+        (TWO_CALLS + "sys.exit(1)", ["--max-calls", "1"], 1),  # halted, but the child's own failure wins
+        ("sys.exit(0)", ["--max-cost", "lots"], 125),
+        ("sys.exit(0)", ["--max-time", "10 minutes"], 125),
+        ("sys.exit(0)", ["--no-such-flag"], 125),
+        ("sys.exit(0)", ["--price", "gpt-4o=cheap"], 125),
+    ],
+)
+async def test_exit_statuses(tmp_path: Path, fake: FakeOpenAI, body: str, flags: list[str], status: int) -> None:
+    done = await rk("run", *flags, "--", PY, agent_script(tmp_path, body), env=key_env(fake))
+    assert done.status == status, done.stderr
+    if status == 125:
+        assert done.stderr.strip() and "Traceback" not in done.stderr
+
+
+async def test_a_command_that_cannot_be_found_or_run(tmp_path: Path) -> None:
+    missing = await rk("run", "--", "no-such-command-rk-test")
+    assert missing.status == 127
+    assert "rk: command not found: no-such-command-rk-test" in missing.stderr
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    denied = await rk("run", "--", str(script))
+    assert denied.status == 126 and "permission denied" in denied.stderr
+    assert "rk · run" in denied.stderr  # the table is printed on every exit path
+
+
+async def test_arguments_after_the_separator_are_the_childs_verbatim(tmp_path: Path) -> None:
+    script = agent_script(tmp_path, "print(sys.argv[1:])")
+    args = ["--max-cost", "1", "--", "$HOME", "a b", "*"]
+    done = await rk("run", "--quiet", "--", PY, script, *args, env=key_env())
+    assert done.stdout.decode().strip() == repr(args)
+
+
+async def test_sigterm_is_forwarded_to_the_child(tmp_path: Path) -> None:
+    marker = tmp_path / "got-term"
+    script = agent_script(tmp_path, f"""
+import signal, time
+def on_term(sig, frame):
+    open({str(marker)!r}, "w").write("TERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(20)
+""")
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-m", "riskkernel", "run", "--", PY, script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"ready\n"
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert marker.read_text() == "TERM"
+
+
+async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeOpenAI) -> None:
+    script = agent_script(tmp_path, TWO_CALLS + "import time; print('still here', flush=True); time.sleep(30)")
+    done = await rk("run", "--max-calls", "1", "--on-halt", "terminate", "--grace", "2", "--", PY, script,
+                    env=key_env(fake), timeout=20)  # fmt: skip
+    assert done.status == 3, done.stderr  # rk stopped the child because the run halted
+    assert "halted: call_budget_exceeded" in done.stderr
+
+
+async def test_the_json_summary_has_the_contract_shape(tmp_path: Path, fake: FakeOpenAI) -> None:
+    fake.script(Reply(usage=usage(1000, 200, cached=400, reasoning=50)))
+    out = tmp_path / "summary.json"
+    done = await rk("run", "--json", str(out), "--name", "nightly", "--tag", "team=search", "--max-calls", "1",
+                    "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))  # fmt: skip
+    assert done.status == 3
+    data = json.loads(out.read_text())
+    assert set(data) == {"run_id", "name", "command", "cwd", "status", "halt_reason", "exit_status", "started_at",
+                         "ended_at", "budget", "totals", "tags", "calls"}  # fmt: skip
+    assert (data["name"], data["status"], data["halt_reason"], data["exit_status"]) == (
+        "nightly", "halted", "call_budget_exceeded", 3
+    )
+    assert data["budget"] == {"max_cost_usd": "5.00", "max_tokens": None, "max_calls": 1, "max_time_s": None}
+    # 600 plain at $2.50, 400 cached at $1.25, 200 out at $10 per 1M
+    assert data["totals"] == {"calls": 1, "input_tokens": 1000, "cached_input_tokens": 400, "cache_write_tokens": 0,
+                              "output_tokens": 200, "reasoning_tokens": 50, "cost_usd": "0.0040"}  # fmt: skip
+    assert data["tags"] == {"team": "search"}
+    first, refused = data["calls"]
+    assert first["cost_usd"] == "0.0040" and first["model"] == "gpt-4o-2024-08-06" and first["flags"] == []
+    assert refused["status"] == 402 and refused["flags"] == ["refused"] and refused["error"] == "call_budget_exceeded"
+
+
+async def test_the_api_key_never_reaches_the_ledger_or_stderr(tmp_path: Path, fake: FakeOpenAI) -> None:
+    echo = {"error": {"message": f"Incorrect API key provided: {SECRET}.", "type": "invalid_request_error"}}
+    fake.script(Reply(), Reply(status=401, body=json.dumps(echo).encode()))
+    out = tmp_path / "summary.json"
+    done = await rk("run", "--json", str(out), "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))
+    assert done.status == 0, done.stderr
+    assert "call 1 401" in done.stdout.decode()
+    marker = SECRET.split("-")[2]
+    home = Path(os.environ["RK_HOME"])
+    for path in [*home.iterdir(), out]:
+        assert marker.encode() not in path.read_bytes(), path
+    assert marker not in done.stderr
+
+
+async def test_settings_come_from_flags_then_environment_then_config_file(tmp_path: Path) -> None:
+    (tmp_path / "rk.toml").write_text('max_calls = 11\nmax_time = "15m"\nmax_cost = 2\n[tags]\nfrom = "file"\n')
+    script = agent_script(tmp_path, "")
+
+    async def budget(*flags: str, env: dict[str, str] | None = None) -> dict[str, object]:
+        out = tmp_path / "b.json"
+        done = await rk("run", "--quiet", "--json", str(out), *flags, "--", PY, script, env=env)
+        assert done.status == 0, done.stderr
+        data = json.loads(out.read_text())
+        return {**data["budget"], "tags": data["tags"]}
+
+    assert await budget() == {"max_cost_usd": "2", "max_tokens": None, "max_calls": 11, "max_time_s": 900.0,
+                              "tags": {"from": "file"}}  # fmt: skip
+    from_env = await budget(env={"RK_MAX_CALLS": "12", "RK_MAX_COST": "unlimited"})
+    assert (from_env["max_calls"], from_env["max_cost_usd"], from_env["max_time_s"]) == (12, None, 900.0)
+    from_flag = await budget("--max-calls", "13", env={"RK_MAX_CALLS": "12"})
+    assert from_flag["max_calls"] == 13
+
+
+async def test_a_bad_config_file_stops_rk_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "rk.toml").write_text("max_cots = 1\n")
+    done = await rk("run", "--", PY, "-c", "pass")
+    assert done.status == 125
+    assert "unknown setting 'max_cots'" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_nested_runs_chain_through_the_outer_proxy(tmp_path: Path, fake: FakeOpenAI) -> None:
+    inner = [PY, "-m", "riskkernel", "run", "--quiet", "--name", "inner", "--", PY, agent_script(tmp_path, TWO_CALLS)]
+    done = await rk("run", "--name", "outer", "--json", str(tmp_path / "outer.json"), "--", *inner, env=key_env(fake))
+    assert done.status == 0, done.stderr
+    assert len(fake.requests) == 2
+    outer = json.loads((tmp_path / "outer.json").read_text())
+    assert outer["totals"]["calls"] == 2
+    listed = await rk("ledger", "list", "--json")
+    names = {run["name"]: run["totals"]["calls"] for run in json.loads(listed.stdout)}
+    assert names == {"outer": 2, "inner": 2}
+
+
+async def test_the_ledger_shows_past_runs(tmp_path: Path, fake: FakeOpenAI) -> None:
+    done = await rk("run", "--quiet", "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))
+    assert done.status == 0
+    listed = await rk("ledger", "list", "--json")
+    (run,) = json.loads(listed.stdout)
+    assert "calls" not in run and run["totals"]["calls"] == 2
+    shown = await rk("ledger", "show", run["run_id"][:6], "--json")
+    assert [c["seq"] for c in json.loads(shown.stdout)["calls"]] == [1, 2]
+    plain = await rk("ledger")
+    assert plain.stdout.decode().startswith(run["run_id"] + "\t")
+    text = await rk("ledger", "show", run["run_id"][:6])
+    assert "gpt-4o-2024-08-06" in text.stdout.decode()
+    missing = await rk("ledger", "show", "zzzz")
+    assert missing.status == 1 and "no run with id 'zzzz'" in missing.stderr
+    path = await rk("ledger", "path")
+    assert path.stdout.decode().strip() == str(paths.ledger_path())
+
+
+def test_ctrl_c_on_a_terminal_halts_the_run_and_reaches_the_child_once(tmp_path: Path) -> None:
+    import select
+    import subprocess
+
+    count_file = tmp_path / "sigints"
+    script = agent_script(tmp_path, f"""
+import signal, time
+count = 0
+def on_int(sig, frame):
+    global count
+    count += 1
+    open({str(count_file)!r}, "w").write(str(count))
+signal.signal(signal.SIGINT, on_int)
+print("ready", flush=True)
+end = time.time() + 2
+while time.time() < end:
+    time.sleep(0.02)
+""")
+    master, slave = os.openpty()
+    launcher = (
+        "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); [os.dup2(fd, n) for n in (0, 1, 2)];"
+        " os.execv(sys.executable, [sys.executable, '-m', 'riskkernel', 'run', '--', sys.executable, sys.argv[2]])"
+    )
+    proc = subprocess.Popen([PY, "-c", launcher, os.ttyname(slave), script], start_new_session=True)
+    seen = b""  # the slave stays open here until the end: reading a master with no slave open is an error
+    try:
+        while b"ready" not in seen:
+            ready, _, _ = select.select([master], [], [], 20)
+            assert ready, seen
+            seen += os.read(master, 4096)
+        os.write(master, b"\x03")
+        assert proc.wait(20) == 3
+        while select.select([master], [], [], 0.5)[0]:
+            seen += os.read(master, 4096)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+        os.close(slave)
+    assert count_file.read_text() == "1"  # the terminal's SIGINT, and no second one from rk
+    assert b"halted: killed" in seen
