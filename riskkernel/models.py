@@ -142,11 +142,6 @@ class CallRecord:
     ttfb_ms: float | None = None  # first byte from the upstream
     error: str | None = None  # refusal or halt reason, cut reason, or the upstream's error, one line
 
-    @property
-    def counted(self) -> bool:
-        """Whether the call reached an upstream as a metered call, and so counts in the run's totals."""
-        return Flag.REFUSED not in self.flags and Flag.UNMETERED not in self.flags
-
     def to_json(self) -> dict[str, Any]:
         return {
             "seq": self.seq,

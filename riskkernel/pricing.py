@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -138,12 +139,13 @@ class PriceBook:
 
     def __init__(self, overrides: Iterable[tuple[str, Rates]] = ()) -> None:
         self._overrides = [(re.compile(re.escape(name) + f"(?:{_DATED})?"), rates) for name, rates in overrides]
-        self._cache: dict[tuple[str, str | None, str | None, str], Rates | None] = {}
+        self._cache: dict[tuple[str, str | None, str | None, int], Rates | None] = {}
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(model: str, provider: str | None, tier: str | None) -> tuple[str, str | None, str | None, str]:
-        return normalize_model(model), provider, tier, datetime.now(UTC).date().isoformat()
+    def _key(model: str, provider: str | None, tier: str | None) -> tuple[str, str | None, str | None, int]:
+        # The UTC day is part of the key: some prices change on a date (genai-prices' date constraints).
+        return normalize_model(model), provider, tier, int(time.time() // 86400)
 
     def cached(self, model: str, provider: str | None = None, tier: str | None = None) -> Rates | _Missing | None:
         """The rates if already resolved, else MISSING. Never slow: safe on the event loop."""

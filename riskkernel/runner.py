@@ -23,6 +23,7 @@ from aiohttp import web
 from riskkernel import paths
 from riskkernel.config import NOT_INHERITED, RunSettings
 from riskkernel.errors import ExitCode
+from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger, owner_id
 from riskkernel.models import HaltReason, RunRecord, RunStatus, now_iso
 from riskkernel.pricing import PriceBook
@@ -118,7 +119,7 @@ async def run(
     terminated = False
     error = None
     try:
-        await asyncio.wrap_future(ledger.create_run(record))
+        await ledger.commit(store.insert_run(record))
         servers, url = await start_proxy(settings, live)
         announce(record, url)
         env = child_env(dict(os.environ), url, record.run_id, settings.mock)
@@ -134,7 +135,7 @@ async def run(
         final = exit_status(status, halt is not None, terminated)
         run_status = RunStatus.HALTED if halt is not None else RunStatus.COMPLETED
         try:
-            await asyncio.wrap_future(ledger.finish_run(record.run_id, run_status, halt, final))
+            await ledger.commit(store.finish_run(record.run_id, run_status, halt, final))
         finally:
             await asyncio.to_thread(ledger.close)
     return Outcome(record.run_id, final, halt, error)
@@ -147,9 +148,7 @@ def _interactive() -> bool:
         return False
 
 
-async def _supervise(
-    argv: list[str], env: dict[str, str], live: LiveRun, settings: RunSettings
-) -> tuple[int, bool]:
+async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settings: RunSettings) -> tuple[int, bool]:
     """Start the child and wait for it: its raw return code (negative for a signal), and whether rk
     terminated it because the run halted."""
     interactive = _interactive()

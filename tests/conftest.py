@@ -93,7 +93,7 @@ async def start_proxy(fake: FakeOpenAI) -> AsyncIterator[StartProxy]:
         config = RunSettings(budget=budget or Budget(max_cost=None), **settings)
         ledger = Ledger.open(paths.ledger_path())
         record = runner.new_record(config, ["agent"])
-        ledger.create_run(record).result()
+        ledger.submit(store.insert_run(record)).result()
         live = LiveRun(record, ledger)
         live.start_clock()
         servers, url = await runner.start_proxy(config, live)
@@ -122,10 +122,15 @@ class Finished:
 async def rk(*args: str, env: dict[str, str] | None = None, timeout: float = 30, **kwargs: Any) -> Finished:
     """Run `rk ARGS` as a real subprocess (`python -m riskkernel`) and wait for it."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "riskkernel", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})}, **kwargs,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "riskkernel",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return Finished(proc.returncode, out, err.decode())
@@ -134,6 +139,9 @@ async def rk(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
 def agent_script(tmp_path: Path, body: str, name: str = "agent.py") -> str:
     """Write a child agent script (the openai SDK is importable) and return its path."""
     path = tmp_path / name
-    prelude = "import openai, os, sys\nclient = openai.OpenAI(max_retries=0, api_key=os.environ.get('OPENAI_API_KEY', 'sk-x'))\n"
+    prelude = (
+        "import openai, os, sys\n"
+        "client = openai.OpenAI(max_retries=0, api_key=os.environ.get('OPENAI_API_KEY', 'sk-x'))\n"
+    )
     path.write_text(prelude + body)
     return str(path)

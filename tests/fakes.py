@@ -80,7 +80,9 @@ class Reply:
             "model": self.model,
             "service_tier": self.service_tier,
             "system_fingerprint": "fp_fake",
-            "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": []
+            if delta is None
+            else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
         if include_usage:
             chunk["usage"] = self.usage if delta is None else None
@@ -91,10 +93,17 @@ class Reply:
         for piece in split(self.text or "", self.pieces):
             events.append(self._chunk({"content": piece}, include_usage))
         for index, call in enumerate(self.tool_calls or []):
-            head = {"index": index, "id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": ""}}
+            head = {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": ""},
+            }
             events.append(self._chunk({"tool_calls": [head]}, include_usage))
             for piece in split(call["arguments"], self.pieces):
-                events.append(self._chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, include_usage))
+                events.append(
+                    self._chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, include_usage)
+                )
         events.append(self._chunk({}, include_usage, "tool_calls" if self.tool_calls else "stop"))
         if include_usage:
             events.append(self._chunk(None, include_usage))

@@ -27,13 +27,15 @@ async def call(client: openai.AsyncOpenAI, **kwargs: object) -> object:
 @pytest.mark.parametrize(
     ("budget", "reason", "message"),
     [
-        (Budget(max_cost=CALL_COST * 3), HaltReason.COST,
-         "rk: cost budget exceeded — spent $0.0105 of $0.0105 (run "),
-        (Budget(max_cost=None, max_tokens=3_300), HaltReason.TOKENS,
-         "rk: token budget exceeded — 3,300 of 3,300 tokens (run "),
+        (Budget(max_cost=CALL_COST * 3), HaltReason.COST, "rk: cost budget exceeded — spent $0.0105 of $0.0105 (run "),
+        (
+            Budget(max_cost=None, max_tokens=3_300),
+            HaltReason.TOKENS,
+            "rk: token budget exceeded — 3,300 of 3,300 tokens (run ",
+        ),
         (Budget(max_cost=None, max_calls=3), HaltReason.CALLS, "rk: call budget exceeded — 3 of 3 calls (run "),
     ],
-)  # fmt: skip
+)
 async def test_each_budget_halts_at_the_call_that_spends_it(
     fake: FakeOpenAI, start_proxy: StartProxy, budget: Budget, reason: HaltReason, message: str
 ) -> None:

@@ -17,21 +17,60 @@ from riskkernel.models import Budget, CallRecord, Flag, RunRecord, RunStatus, Us
 EXPECTED_SCHEMA = {
     "_migrations": ["name", "applied_at"],
     "runs": [
-        "id", "name", "command", "cwd", "started_at", "ended_at", "budget", "status", "halt_reason", "exit_status",
-        "tags", "owner", "calls", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
-        "reasoning_tokens", "cost_pusd",
+        "id",
+        "name",
+        "command",
+        "cwd",
+        "started_at",
+        "ended_at",
+        "budget",
+        "status",
+        "halt_reason",
+        "exit_status",
+        "tags",
+        "owner",
+        "calls",
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "cost_pusd",
     ],
     "calls": [
-        "run_id", "seq", "started_at", "endpoint", "provider", "requested_model", "model", "stream", "status",
-        "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "cost_pusd",
-        "price_source", "flags", "latency_ms", "ttfb_ms", "error",
+        "run_id",
+        "seq",
+        "started_at",
+        "endpoint",
+        "provider",
+        "requested_model",
+        "model",
+        "stream",
+        "status",
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "cost_pusd",
+        "price_source",
+        "flags",
+        "latency_ms",
+        "ttfb_ms",
+        "error",
     ],
-}  # fmt: skip
+    "index": ["runs_started_at"],
+    "trigger": [],
+}
 
 
 def schema(db: sqlite3.Connection) -> dict[str, list[str]]:
     tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-    return {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")] for t in tables}
+    found = {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")] for t in tables}
+    for kind in ("index", "trigger"):
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = ? AND sql IS NOT NULL ORDER BY name", (kind,))
+        found[kind] = [r[0] for r in rows]
+    return found
 
 
 def test_migrating_an_empty_database_gives_the_expected_schema_once(tmp_path: Path) -> None:
@@ -50,26 +89,46 @@ def test_the_ledger_file_is_private(tmp_path: Path) -> None:
 
 
 def run_record(run_id: str = "r1", owner: str | None = None) -> RunRecord:
-    return RunRecord(run_id=run_id, name="n", command=("python", "a.py"), cwd="/w", started_at=now_iso(),
-                     budget=Budget(max_cost=Decimal("0.50")), tags={"team": "x"},
-                     owner=owner or store.owner_id())  # fmt: skip
+    return RunRecord(
+        run_id=run_id,
+        name="n",
+        command=("python", "a.py"),
+        cwd="/w",
+        started_at=now_iso(),
+        budget=Budget(max_cost=Decimal("0.50")),
+        tags={"team": "x"},
+        owner=owner or store.owner_id(),
+    )
 
 
 def call(seq: int, cost: str = "0.001", flags: tuple[str, ...] = (), run_id: str = "r1") -> CallRecord:
-    return CallRecord(run_id=run_id, seq=seq, started_at=now_iso(), endpoint="/v1/chat/completions",
-                      provider="openai", requested_model="gpt-4o", model="gpt-4o-2024-08-06", stream=True,
-                      status=200, usage=Usage(input_tokens=100, cached_input_tokens=10, output_tokens=20),
-                      cost=Decimal(cost), price_source="p", flags=flags, latency_ms=12.34, ttfb_ms=1.5)  # fmt: skip
+    return CallRecord(
+        run_id=run_id,
+        seq=seq,
+        started_at=now_iso(),
+        endpoint="/v1/chat/completions",
+        provider="openai",
+        requested_model="gpt-4o",
+        model="gpt-4o-2024-08-06",
+        stream=True,
+        status=200,
+        usage=Usage(input_tokens=100, cached_input_tokens=10, output_tokens=20),
+        cost=Decimal(cost),
+        price_source="p",
+        flags=flags,
+        latency_ms=12.34,
+        ttfb_ms=1.5,
+    )
 
 
 def test_runs_and_calls_round_trip_with_totals(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     ledger = Ledger.open(path)
-    ledger.create_run(run_record()).result()
+    ledger.submit(store.insert_run(run_record())).result()
     for seq in (1, 2):
-        ledger.record_call(call(seq, "0.000123456789")).result()
-    ledger.record_call(call(3, "0", flags=(Flag.REFUSED,))).result()
-    ledger.finish_run("r1", RunStatus.HALTED, "cost_budget_exceeded", 3).result()
+        ledger.submit(store.insert_call(call(seq, "0.000123456789"))).result()
+    ledger.submit(store.insert_call(call(3, "0", flags=(Flag.REFUSED,)))).result()
+    ledger.submit(store.finish_run("r1", RunStatus.HALTED, "cost_budget_exceeded", 3)).result()
     ledger.close()
 
     db = store.open_reader(path)
@@ -82,7 +141,7 @@ def test_runs_and_calls_round_trip_with_totals(tmp_path: Path) -> None:
     assert [c.seq for c in calls] == [1, 2, 3]
     assert calls[0].to_json()["cost_usd"] == "0.000123456789" and calls[2].flags == ("refused",)
     lines, refused = store.model_breakdown(db, "r1")
-    assert refused == 1 and [(l.model, l.calls) for l in lines] == [("gpt-4o-2024-08-06", 2)]
+    assert refused == 1 and [(line.model, line.calls) for line in lines] == [("gpt-4o-2024-08-06", 2)]
     data = run.to_json(calls)
     assert data["budget"] == {"max_cost_usd": "0.50", "max_tokens": None, "max_calls": None, "max_time_s": None}
     assert data["totals"]["cost_usd"] == "0.000246913578"
@@ -91,8 +150,8 @@ def test_runs_and_calls_round_trip_with_totals(tmp_path: Path) -> None:
 
 def test_one_bad_write_does_not_lose_the_others(tmp_path: Path) -> None:
     ledger = Ledger.open(tmp_path / "l.db")
-    ledger.create_run(run_record()).result()
-    futures = [ledger.record_call(call(1)), ledger.record_call(call(1)), ledger.record_call(call(2))]
+    ledger.submit(store.insert_run(run_record())).result()
+    futures = [ledger.submit(store.insert_call(call(seq))) for seq in (1, 1, 2)]
     ledger.close()
     assert futures[0].exception() is None and futures[2].exception() is None
     assert "UNIQUE constraint" in str(futures[1].exception())
@@ -103,7 +162,7 @@ def test_one_bad_write_does_not_lose_the_others(tmp_path: Path) -> None:
 def test_prefixes_must_be_unambiguous(tmp_path: Path) -> None:
     ledger = Ledger.open(tmp_path / "l.db")
     for run_id in ("abc1", "abc2", "xyz"):
-        ledger.create_run(run_record(run_id)).result()
+        ledger.submit(store.insert_run(run_record(run_id))).result()
     ledger.close()
     db = store.open_reader(tmp_path / "l.db")
     assert db is not None
@@ -120,9 +179,9 @@ def test_a_run_whose_owner_died_reads_as_interrupted(tmp_path: Path) -> None:
     pid = int(dead.stdout)
     host = store.owner_id().split(":")[0]
     ledger = Ledger.open(tmp_path / "l.db")
-    ledger.create_run(run_record("dead", owner=f"{host}:{pid}:1")).result()
-    ledger.create_run(run_record("alive")).result()
-    ledger.record_call(call(1, run_id="dead")).result()
+    ledger.submit(store.insert_run(run_record("dead", owner=f"{host}:{pid}:1"))).result()
+    ledger.submit(store.insert_run(run_record("alive"))).result()
+    ledger.submit(store.insert_call(call(1, run_id="dead"))).result()
     ledger.close()
     db = store.open_reader(tmp_path / "l.db")
     assert db is not None

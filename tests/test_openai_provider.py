@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -84,7 +85,7 @@ def replay(transcript: bytes, cuts: list[int], hide_usage: bool) -> tuple[bytes,
     decoder = SSEDecoder()
     out = []
     bounds = [0, *cuts, len(transcript)]
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         for event in decoder.feed(transcript[a:b]):
             data, _ = meter.feed(event)
             out.append(data)

@@ -26,23 +26,45 @@ def cost(model: str, usage: Usage, tier: str | None = None) -> Decimal:
         ("gpt-4o-2024-08-06", Usage(input_tokens=1_000_000), None, "2.5"),
         ("openai/gpt-4o", Usage(output_tokens=1_000_000), None, "10"),
         # o3 (since 2025-06-10): $2 in, $0.50 cached, $8 out; reasoning is billed as output
-        ("o3", Usage(input_tokens=5_000, cached_input_tokens=1_000, output_tokens=3_000, reasoning_tokens=2_500),
-         None, "0.0325"),
+        (
+            "o3",
+            Usage(input_tokens=5_000, cached_input_tokens=1_000, output_tokens=3_000, reasoning_tokens=2_500),
+            None,
+            "0.0325",
+        ),
         # gpt-5 on the flex service tier: $0.625 in, $5 out
         ("gpt-5", Usage(input_tokens=1_000_000, output_tokens=100_000), "flex", "1.125"),
         # claude-sonnet-4-5: $3 in, $3.75 5m writes, $6 1h writes, $0.30 reads, $15 out (below the 200k tier)
-        ("anthropic/claude-sonnet-4-5",
-         Usage(input_tokens=10_000, cache_write_tokens=5_000, cache_write_1h_tokens=3_000, cached_input_tokens=4_000,
-               output_tokens=500),
-         None, "0.0372"),
+        (
+            "anthropic/claude-sonnet-4-5",
+            Usage(
+                input_tokens=10_000,
+                cache_write_tokens=5_000,
+                cache_write_1h_tokens=3_000,
+                cached_input_tokens=4_000,
+                output_tokens=500,
+            ),
+            None,
+            "0.0372",
+        ),
     ],
-)  # fmt: skip
+)
 def test_golden_costs(model: str, usage: Usage, tier: str | None, expected: str) -> None:
     assert cost(model, usage, tier) == Decimal(expected)
 
 
-MODELS = ["gpt-4o", "gpt-4o-mini", "o3", "o4-mini", "gpt-5", "gpt-4.1-nano", "claude-sonnet-4-5", "claude-opus-4-1",
-          "claude-3-5-haiku-latest", "gpt-4o-audio-preview"]  # fmt: skip
+MODELS = [
+    "gpt-4o",
+    "gpt-4o-mini",
+    "o3",
+    "o4-mini",
+    "gpt-5",
+    "gpt-4.1-nano",
+    "claude-sonnet-4-5",
+    "claude-opus-4-1",
+    "claude-3-5-haiku-latest",
+    "gpt-4o-audio-preview",
+]
 
 
 @settings(max_examples=300, deadline=None)

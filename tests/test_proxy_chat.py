@@ -59,7 +59,7 @@ async def test_a_non_streaming_response_reaches_the_client_byte_for_byte(
 
 async def test_request_bodies_and_headers_are_forwarded_faithfully(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
     proxy = await start_proxy()
-    body = b'{ "model" : "gpt-4o",\n  "messages": [{"role": "user", "content": "caf\\u00e9"}], "future_field": [1.50, {}] }'
+    body = b'{ "model" : "gpt-4o",\n  "messages": [{"role": "user", "content": "caf\\u00e9"}], "future": [1.50, {}] }'
     headers = {
         "Authorization": f"Bearer {SECRET}",
         "OpenAI-Organization": "org-123",
@@ -69,10 +69,12 @@ async def test_request_bodies_and_headers_are_forwarded_faithfully(fake: FakeOpe
         "Keep-Alive": "timeout=5",
         "Accept-Encoding": "gzip, br",
     }
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{proxy.url}/v1/chat/completions", data=body, headers=headers) as response:
-            assert response.status == 200
-            await response.read()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.url}/v1/chat/completions", data=body, headers=headers) as response,
+    ):
+        assert response.status == 200
+        await response.read()
     seen = fake.requests[0]
     assert seen.body == body
     assert seen.path == "/v1/chat/completions"
@@ -141,7 +143,9 @@ async def test_cached_and_reasoning_tokens_are_priced_as_billed(
     (row,) = proxy.calls()
     # o3: 4,000 plain at $2, 6,000 cached at $0.50, 3,000 out (2,000 of it reasoning) at $8 per 1M
     assert row.cost == Decimal("0.035")
-    assert row.usage == Usage(input_tokens=10_000, cached_input_tokens=6_000, output_tokens=3_000, reasoning_tokens=2_000)
+    assert row.usage == Usage(
+        input_tokens=10_000, cached_input_tokens=6_000, output_tokens=3_000, reasoning_tokens=2_000
+    )
     assert row.model == "o3-2025-04-16" and row.price_source.endswith("openai/o3")
 
 
@@ -160,13 +164,19 @@ async def test_the_ledger_has_the_call_before_the_client_has_the_last_byte(
 @pytest.mark.parametrize(
     ("status", "body", "error"),
     [
-        (429, compact({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}),
-         openai.RateLimitError),
-        (400, compact({"error": {"message": "bad param", "type": "invalid_request_error", "param": "x", "code": None}}),
-         openai.BadRequestError),
+        (
+            429,
+            compact({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}),
+            openai.RateLimitError,
+        ),
+        (
+            400,
+            compact({"error": {"message": "bad param", "type": "invalid_request_error", "param": "x", "code": None}}),
+            openai.BadRequestError,
+        ),
         (503, b"", openai.InternalServerError),
     ],
-)  # fmt: skip
+)
 async def test_upstream_errors_pass_through_unchanged(
     fake: FakeOpenAI, start_proxy: StartProxy, status: int, body: bytes, error: type[Exception]
 ) -> None:
@@ -204,10 +214,12 @@ async def test_bad_requests_are_answered_by_rk_and_never_forwarded(
     fake: FakeOpenAI, start_proxy: StartProxy, body: bytes, status: int, code: str
 ) -> None:
     proxy = await start_proxy()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{proxy.url}/v1/chat/completions", data=io.BytesIO(body)) as response:
-            assert response.status == status
-            error = (await response.json())["error"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.url}/v1/chat/completions", data=io.BytesIO(body)) as response,
+    ):
+        assert response.status == status
+        error = (await response.json())["error"]
     assert error["code"] == code and error["message"].startswith("rk: ")
     assert fake.requests == []
     # the proxy keeps serving
@@ -275,10 +287,12 @@ async def test_a_stream_the_upstream_breaks_off_ends_in_an_error_the_sdk_raises(
 
 async def test_unknown_routes_are_404_in_openai_shape(start_proxy: StartProxy) -> None:
     proxy = await start_proxy()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{proxy.url}/v1/fine_tuning/jobs", json={}) as response:
-            assert response.status == 404
-            assert (await response.json())["error"]["code"] == "unknown_route"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.url}/v1/fine_tuning/jobs", json={}) as response,
+    ):
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "unknown_route"
 
 
 async def test_the_served_model_is_priced_when_it_differs(fake: FakeOpenAI, start_proxy: StartProxy) -> None:

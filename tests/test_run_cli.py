@@ -48,8 +48,8 @@ async def test_the_tools_example_runs_under_mock() -> None:
 
 
 async def test_the_child_gets_the_proxy_in_its_environment(tmp_path: Path, fake: FakeOpenAI) -> None:
-    script = agent_script(tmp_path, "print(os.environ['OPENAI_BASE_URL'], os.environ['OPENAI_API_BASE'],"
-                          " os.environ['RK_RUN_ID'], os.environ['RK_PROXY_URL'], os.environ.get('RK_OPENAI_UPSTREAM'))")  # fmt: skip
+    names = "'OPENAI_BASE_URL', 'OPENAI_API_BASE', 'RK_RUN_ID', 'RK_PROXY_URL', 'RK_OPENAI_UPSTREAM'"
+    script = agent_script(tmp_path, f"print(*(os.environ.get(name) for name in ({names})))")
     done = await rk("run", "--quiet", "--", PY, script, env={"RK_OPENAI_UPSTREAM": fake.url, **key_env()})
     base, api_base, run_id, proxy_url, inherited = done.stdout.decode().split()
     assert base == api_base == f"{proxy_url}/v1" and proxy_url.startswith("http://127.0.0.1:")
@@ -66,8 +66,9 @@ async def test_calls_go_to_the_upstream_the_parent_environment_named(tmp_path: P
 
 async def test_stdout_belongs_to_the_child(tmp_path: Path, fake: FakeOpenAI) -> None:
     payload = b"\x00\x01 binary \xff\n" + b"line\n" * 2000
-    script = agent_script(tmp_path, f"client.chat.completions.create(model='gpt-4o', messages=[])\n"
-                          f"sys.stdout.buffer.write({payload!r})")  # fmt: skip
+    script = agent_script(
+        tmp_path, f"client.chat.completions.create(model='gpt-4o', messages=[])\nsys.stdout.buffer.write({payload!r})"
+    )
     done = await rk("run", "--", PY, script, env=key_env(fake))
     assert done.stdout == payload
     assert "rk · run" in done.stderr
@@ -114,7 +115,9 @@ async def test_arguments_after_the_separator_are_the_childs_verbatim(tmp_path: P
 
 async def test_sigterm_is_forwarded_to_the_child(tmp_path: Path) -> None:
     marker = tmp_path / "got-term"
-    script = agent_script(tmp_path, f"""
+    script = agent_script(
+        tmp_path,
+        f"""
 import signal, time
 def on_term(sig, frame):
     open({str(marker)!r}, "w").write("TERM")
@@ -122,7 +125,8 @@ def on_term(sig, frame):
 signal.signal(signal.SIGTERM, on_term)
 print("ready", flush=True)
 time.sleep(20)
-""")
+""",
+    )
     proc = await asyncio.create_subprocess_exec(
         PY, "-m", "riskkernel", "run", "--", PY, script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -135,8 +139,20 @@ time.sleep(20)
 
 async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeOpenAI) -> None:
     script = agent_script(tmp_path, TWO_CALLS + "import time; print('still here', flush=True); time.sleep(30)")
-    done = await rk("run", "--max-calls", "1", "--on-halt", "terminate", "--grace", "2", "--", PY, script,
-                    env=key_env(fake), timeout=20)  # fmt: skip
+    done = await rk(
+        "run",
+        "--max-calls",
+        "1",
+        "--on-halt",
+        "terminate",
+        "--grace",
+        "2",
+        "--",
+        PY,
+        script,
+        env=key_env(fake),
+        timeout=20,
+    )
     assert done.status == 3, done.stderr  # rk stopped the child because the run halted
     assert "halted: call_budget_exceeded" in done.stderr
 
@@ -144,19 +160,55 @@ async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeOpenA
 async def test_the_json_summary_has_the_contract_shape(tmp_path: Path, fake: FakeOpenAI) -> None:
     fake.script(Reply(usage=usage(1000, 200, cached=400, reasoning=50)))
     out = tmp_path / "summary.json"
-    done = await rk("run", "--json", str(out), "--name", "nightly", "--tag", "team=search", "--max-calls", "1",
-                    "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))  # fmt: skip
+    done = await rk(
+        "run",
+        "--json",
+        str(out),
+        "--name",
+        "nightly",
+        "--tag",
+        "team=search",
+        "--max-calls",
+        "1",
+        "--",
+        PY,
+        agent_script(tmp_path, TWO_CALLS),
+        env=key_env(fake),
+    )
     assert done.status == 3
     data = json.loads(out.read_text())
-    assert set(data) == {"run_id", "name", "command", "cwd", "status", "halt_reason", "exit_status", "started_at",
-                         "ended_at", "budget", "totals", "tags", "calls"}  # fmt: skip
+    assert set(data) == {
+        "run_id",
+        "name",
+        "command",
+        "cwd",
+        "status",
+        "halt_reason",
+        "exit_status",
+        "started_at",
+        "ended_at",
+        "budget",
+        "totals",
+        "tags",
+        "calls",
+    }
     assert (data["name"], data["status"], data["halt_reason"], data["exit_status"]) == (
-        "nightly", "halted", "call_budget_exceeded", 3
+        "nightly",
+        "halted",
+        "call_budget_exceeded",
+        3,
     )
     assert data["budget"] == {"max_cost_usd": "5.00", "max_tokens": None, "max_calls": 1, "max_time_s": None}
     # 600 plain at $2.50, 400 cached at $1.25, 200 out at $10 per 1M
-    assert data["totals"] == {"calls": 1, "input_tokens": 1000, "cached_input_tokens": 400, "cache_write_tokens": 0,
-                              "output_tokens": 200, "reasoning_tokens": 50, "cost_usd": "0.0040"}  # fmt: skip
+    assert data["totals"] == {
+        "calls": 1,
+        "input_tokens": 1000,
+        "cached_input_tokens": 400,
+        "cache_write_tokens": 0,
+        "output_tokens": 200,
+        "reasoning_tokens": 50,
+        "cost_usd": "0.0040",
+    }
     assert data["tags"] == {"team": "search"}
     first, refused = data["calls"]
     assert first["cost_usd"] == "0.0040" and first["model"] == "gpt-4o-2024-08-06" and first["flags"] == []
@@ -188,8 +240,13 @@ async def test_settings_come_from_flags_then_environment_then_config_file(tmp_pa
         data = json.loads(out.read_text())
         return {**data["budget"], "tags": data["tags"]}
 
-    assert await budget() == {"max_cost_usd": "2", "max_tokens": None, "max_calls": 11, "max_time_s": 900.0,
-                              "tags": {"from": "file"}}  # fmt: skip
+    assert await budget() == {
+        "max_cost_usd": "2",
+        "max_tokens": None,
+        "max_calls": 11,
+        "max_time_s": 900.0,
+        "tags": {"from": "file"},
+    }
     from_env = await budget(env={"RK_MAX_CALLS": "12", "RK_MAX_COST": "unlimited"})
     assert (from_env["max_calls"], from_env["max_cost_usd"], from_env["max_time_s"]) == (12, None, 900.0)
     from_flag = await budget("--max-calls", "13", env={"RK_MAX_CALLS": "12"})
@@ -238,7 +295,9 @@ def test_ctrl_c_on_a_terminal_halts_the_run_and_reaches_the_child_once(tmp_path:
     import subprocess
 
     count_file = tmp_path / "sigints"
-    script = agent_script(tmp_path, f"""
+    script = agent_script(
+        tmp_path,
+        f"""
 import signal, time
 count = 0
 def on_int(sig, frame):
@@ -250,7 +309,8 @@ print("ready", flush=True)
 end = time.time() + 2
 while time.time() < end:
     time.sleep(0.02)
-""")
+""",
+    )
     master, slave = os.openpty()
     launcher = (
         "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); [os.dup2(fd, n) for n in (0, 1, 2)];"

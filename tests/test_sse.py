@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -75,6 +77,6 @@ def test_arbitrary_bytes_never_crash_and_are_all_accounted_for(chunks: list[byte
 def test_arbitrary_chunking_of_a_transcript_gives_the_same_events(data: st.DataObject) -> None:
     cuts = sorted(data.draw(st.lists(st.integers(0, len(TRANSCRIPT)), max_size=12)))
     bounds = [0, *cuts, len(TRANSCRIPT)]
-    events, tail, _ = decode([TRANSCRIPT[a:b] for a, b in zip(bounds, bounds[1:], strict=False)])
+    events, tail, _ = decode([TRANSCRIPT[a:b] for a, b in itertools.pairwise(bounds)])
     assert [(e.event, e.data) for e in events] == EXPECTED
     assert tail == b""

@@ -10,6 +10,8 @@ itself (SIGKILL) without an fsync per row; SQLite work never runs on the event l
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -38,7 +40,7 @@ from riskkernel.models import (
     now_iso,
 )
 
-Write = Callable[[sqlite3.Connection], None]
+Write = Callable[[sqlite3.Connection], object]  # what to write, run on the writer thread
 _BATCH = 512
 
 
@@ -96,11 +98,16 @@ def _owner_alive(owner: str | None) -> bool:
 
 
 class Ledger:
-    """The write side. `open()` migrates and starts the writer thread; `close()` drains and stops it."""
+    """The write side. `open()` migrates and starts the writer thread; `close()` drains and stops it.
+
+    What to write is a `Write` (see `insert_run`, `insert_call`, `finish_run`); `submit()` queues one and
+    returns a `concurrent.futures.Future`, `commit()` queues one and awaits it on the caller's event loop.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._queue: SimpleQueue[tuple[Write, Future[None]] | None] = SimpleQueue()
+        self._queue: SimpleQueue[list[tuple[Write, Waiter]] | None] = SimpleQueue()
+        self._pending: list[tuple[Write, Waiter]] = []  # commit()s of this loop iteration, not yet queued
         self._thread = threading.Thread(target=self._run, name="rk-ledger", daemon=True)
 
     @classmethod
@@ -118,27 +125,23 @@ class Ledger:
 
     def submit(self, write: Write) -> Future[None]:
         future: Future[None] = Future()
-        self._queue.put((write, future))
+        self._queue.put([(write, future)])
         return future
 
-    def create_run(self, run: RunRecord) -> Future[None]:
-        return self.submit(lambda db: _insert_run(db, run))
+    async def commit(self, write: Write) -> None:
+        """Queue a write and wait until it is committed. The writes of one loop iteration are handed to the
+        writer thread together, so a busy proxy wakes that thread (and contends for the GIL) once per
+        iteration rather than once per call. Use a Ledger from one event loop only."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._hand_over)
+        self._pending.append((write, future))
+        await future
 
-    def record_call(self, call: CallRecord) -> Future[None]:
-        return self.submit(lambda db: _insert_call(db, call))
-
-    def finish_run(
-        self, run_id: str, status: RunStatus, halt_reason: str | None, exit_status: int | None
-    ) -> Future[None]:
-        ended = now_iso()
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE runs SET status = ?, halt_reason = ?, exit_status = ?, ended_at = ? WHERE id = ?",
-                (str(status), halt_reason, exit_status, ended, run_id),
-            )
-
-        return self.submit(write)
+    def _hand_over(self) -> None:
+        batch, self._pending = self._pending, []
+        self._queue.put(batch)
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -150,69 +153,116 @@ class Ledger:
         try:
             while True:
                 item = self._queue.get()
-                batch = []
-                stop = item is None
+                batch: list[tuple[Write, Waiter]] = []
                 while item is not None:
-                    batch.append(item)
+                    batch += item
                     if len(batch) >= _BATCH or self._queue.empty():
                         break
                     item = self._queue.get()
-                    stop = item is None
                 if batch:
-                    _commit(db, batch)
-                if stop:
+                    self._commit(db, batch)
+                if item is None:
                     return
         finally:
             db.close()
 
-
-def _commit(db: sqlite3.Connection, batch: list[tuple[Write, Future[None]]]) -> None:
-    errors: list[BaseException | None] = []
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        for write, _ in batch:
-            db.execute("SAVEPOINT w")
-            try:
-                write(db)
-            except Exception as exc:
-                db.execute("ROLLBACK TO w")
-                errors.append(exc)
+    def _commit(self, db: sqlite3.Connection, batch: list[tuple[Write, Waiter]]) -> None:
+        """One transaction for the batch; if it fails, each write alone, so one bad row loses no others."""
+        errors = _transaction(db, [write for write, _ in batch])
+        if errors is not None and len(batch) > 1:
+            errors = [(_transaction(db, [write]) or [None])[0] for write, _ in batch]
+        wakeups: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Exception | None]]] = {}
+        for i, (_, waiter) in enumerate(batch):
+            error: Exception | None = None if errors is None else errors[i]
+            if error is not None:
+                error = LedgerError(f"cannot write to the ledger at {self.path}: {error}")
+            if isinstance(waiter, asyncio.Future):
+                wakeups.setdefault(waiter.get_loop(), []).append((waiter, error))
+            elif error is None:
+                waiter.set_result(None)
             else:
-                errors.append(None)
-            db.execute("RELEASE w")
-        db.execute("COMMIT")
-    except sqlite3.Error as exc:
+                waiter.set_exception(error)
+        for loop, waiters in wakeups.items():  # one wake-up per loop and batch, not one per write
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_resolve, waiters)
+
+
+Waiter = Future[None] | asyncio.Future[None]
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on an autocommit connection."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
-        errors = [exc] * len(batch)
-    for (_, future), error in zip(batch, errors, strict=True):
+        raise
+    db.execute("COMMIT")
+
+
+def _transaction(db: sqlite3.Connection, writes: list[Write]) -> list[Exception | None] | None:
+    """Run writes in one transaction: None if it committed, else the error (for each write)."""
+    try:
+        with _immediate(db):
+            for write in writes:
+                write(db)
+    except Exception as exc:
+        return [exc] * len(writes)
+    return None
+
+
+def _resolve(waiters: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
+    for future, error in waiters:
+        if future.cancelled():
+            continue
         if error is None:
             future.set_result(None)
         else:
-            future.set_exception(LedgerError(f"cannot write to the ledger at {db_path(db)}: {error}"))
+            future.set_exception(error)
 
 
-def db_path(db: sqlite3.Connection) -> str:
-    row = db.execute("PRAGMA database_list").fetchone()
-    return row[2] if row else "?"
-
-
-def _insert_run(db: sqlite3.Connection, run: RunRecord) -> None:
-    db.execute(
-        "INSERT INTO runs (id, name, command, cwd, started_at, budget, status, tags, owner)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            run.run_id,
-            run.name,
-            json.dumps(list(run.command)),
-            run.cwd,
-            run.started_at,
-            json.dumps(run.budget.to_json()),
-            str(run.status),
-            json.dumps(run.tags),
-            run.owner,
-        ),
+def insert_run(run: RunRecord) -> Write:
+    row = (
+        run.run_id,
+        run.name,
+        json.dumps(list(run.command)),
+        run.cwd,
+        run.started_at,
+        json.dumps(run.budget.to_json()),
+        str(run.status),
+        json.dumps(run.tags),
+        run.owner,
     )
+    sql = (
+        "INSERT INTO runs (id, name, command, cwd, started_at, budget, status, tags, owner) VALUES (?,?,?,?,?,?,?,?,?)"
+    )
+    return lambda db: db.execute(sql, row)
+
+
+# Which calls a run's totals count: those that reached an upstream as metered calls.
+_COUNTED = f"instr(flags, '{Flag.REFUSED}') = 0 AND instr(flags, '{Flag.UNMETERED}') = 0"
+_TOTAL_COLUMNS = ("calls", *USAGE_COLUMNS, "cost_pusd")
+_TOTALS = (
+    "SELECT count(*), "
+    + ", ".join(f"coalesce(sum({c}), 0)" for c in (*USAGE_COLUMNS, "cost_pusd"))
+    + f" FROM calls WHERE run_id = ? AND {_COUNTED}"
+)
+# A run's row holds its totals once it has ended; while it runs, readers sum its calls.
+_STORE_TOTALS = f"UPDATE runs SET ({', '.join(_TOTAL_COLUMNS)}) = ({_TOTALS}) WHERE id = ?"
+
+
+def finish_run(run_id: str, status: RunStatus, halt_reason: str | None, exit_status: int | None) -> Write:
+    row = (str(status), halt_reason, exit_status, now_iso(), run_id)
+    sql = "UPDATE runs SET status = ?, halt_reason = ?, exit_status = ?, ended_at = ? WHERE id = ?"
+
+    def write(db: sqlite3.Connection) -> None:
+        db.execute(sql, row)
+        db.execute(_STORE_TOTALS, (run_id, run_id))
+
+    return write
 
 
 _CALL_COLUMNS = (
@@ -221,47 +271,35 @@ _CALL_COLUMNS = (
     + ", cost_pusd, price_source, flags, latency_ms, ttfb_ms, error"
 )
 _INSERT_CALL = f"INSERT INTO calls ({_CALL_COLUMNS}) VALUES ({', '.join('?' * len(_CALL_COLUMNS.split(',')))})"
-_ADD_TOTALS = (
-    "UPDATE runs SET calls = calls + 1, "
-    + ", ".join(f"{c} = {c} + ?" for c in USAGE_COLUMNS)
-    + ", cost_pusd = cost_pusd + ? WHERE id = ?"
-)
 
 
-def _insert_call(db: sqlite3.Connection, call: CallRecord) -> None:
-    usage = [getattr(call.usage, c) for c in USAGE_COLUMNS]
-    cost = to_pusd(call.cost)
-    db.execute(
-        _INSERT_CALL,
-        (
-            call.run_id,
-            call.seq,
-            call.started_at,
-            call.endpoint,
-            call.provider,
-            call.requested_model,
-            call.model,
-            int(call.stream),
-            call.status,
-            *usage,
-            cost,
-            call.price_source,
-            ",".join(call.flags),
-            call.latency_ms,
-            call.ttfb_ms,
-            call.error,
-        ),
+def insert_call(call: CallRecord) -> Write:
+    row = (
+        call.run_id,
+        call.seq,
+        call.started_at,
+        call.endpoint,
+        call.provider,
+        call.requested_model,
+        call.model,
+        int(call.stream),
+        call.status,
+        *(getattr(call.usage, column) for column in USAGE_COLUMNS),
+        to_pusd(call.cost),
+        call.price_source,
+        ",".join(call.flags),
+        call.latency_ms,
+        call.ttfb_ms,
+        call.error,
     )
-    if call.counted:
-        db.execute(_ADD_TOTALS, (*usage, cost, call.run_id))
+    return lambda db: db.execute(_INSERT_CALL, row)
 
 
 # -- reading ----------------------------------------------------------------------------------------------
 
 _RUN_COLUMNS = (
-    "id, name, command, cwd, started_at, ended_at, budget, status, halt_reason, exit_status, tags, owner, calls, "
-    + ", ".join(USAGE_COLUMNS)
-    + ", cost_pusd"
+    "id, name, command, cwd, started_at, ended_at, budget, status, halt_reason, exit_status, tags, owner, "
+    + (", ".join(_TOTAL_COLUMNS))
 )
 
 
@@ -280,17 +318,20 @@ def mark_interrupted(db: sqlite3.Connection) -> None:
     rows = db.execute("SELECT id, owner FROM runs WHERE status = 'running'").fetchall()
     for run_id, owner in rows:
         if not _owner_alive(owner):
-            db.execute(
-                "UPDATE runs SET status = 'interrupted',"
-                " ended_at = coalesce((SELECT max(started_at) FROM calls WHERE run_id = runs.id), started_at)"
-                " WHERE id = ? AND status = 'running'",
-                (run_id,),
-            )
+            with _immediate(db):
+                db.execute(
+                    "UPDATE runs SET status = 'interrupted',"
+                    " ended_at = coalesce((SELECT max(started_at) FROM calls WHERE run_id = runs.id), started_at)"
+                    " WHERE id = ? AND status = 'running'",
+                    (run_id,),
+                )
+                db.execute(_STORE_TOTALS, (run_id, run_id))
 
 
-def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
-    (run_id, name, command, cwd, started, ended, budget, status, halt, exit_status, tags, owner, calls) = row[:13]
-    usage = Usage(**dict(zip(USAGE_COLUMNS, row[13:18], strict=True)))
+def _run_from_row(db: sqlite3.Connection, row: tuple[Any, ...]) -> RunRecord:
+    (run_id, name, command, cwd, started, ended, budget, status, halt, exit_status, tags, owner) = row[:12]
+    totals = row[12:] if status != RunStatus.RUNNING else db.execute(_TOTALS, (run_id,)).fetchone()
+    usage = Usage(**dict(zip(USAGE_COLUMNS, totals[1:6], strict=True)))
     return RunRecord(
         run_id=run_id,
         name=name,
@@ -304,7 +345,7 @@ def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
         exit_status=exit_status,
         tags=json.loads(tags),
         owner=owner,
-        totals=Totals(calls=calls, usage=usage, cost=from_pusd(row[18])),
+        totals=Totals(calls=totals[0], usage=usage, cost=from_pusd(totals[6])),
     )
 
 
@@ -312,7 +353,7 @@ def list_runs(db: sqlite3.Connection, limit: int | None = 20) -> list[RunRecord]
     sql = f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
-    return [_run_from_row(row) for row in db.execute(sql)]
+    return [_run_from_row(db, row) for row in db.execute(sql).fetchall()]
 
 
 def find_run(db: sqlite3.Connection, prefix: str) -> RunRecord:
@@ -323,12 +364,12 @@ def find_run(db: sqlite3.Connection, prefix: str) -> RunRecord:
     ).fetchall()
     exact = [row for row in rows if row[0] == prefix]
     if exact:
-        return _run_from_row(exact[0])
+        return _run_from_row(db, exact[0])
     if not rows:
         raise LookupError(f"no run with id {prefix!r}")
     if len(rows) > 1:
         raise LookupError(f"{prefix!r} matches several runs; give more of the id")
-    return _run_from_row(rows[0])
+    return _run_from_row(db, rows[0])
 
 
 def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:
@@ -373,9 +414,9 @@ def model_breakdown(db: sqlite3.Connection, run_id: str) -> tuple[list[ModelLine
         "SELECT coalesce(model, requested_model, '?'), count(*), "
         + ", ".join(f"sum({c})" for c in USAGE_COLUMNS)
         + ", sum(cost_pusd), max(instr(flags, ?) > 0), max(instr(flags, ?) > 0)"
-        " FROM calls WHERE run_id = ? AND instr(flags, ?) = 0 AND instr(flags, ?) = 0"
+        f" FROM calls WHERE run_id = ? AND {_COUNTED}"
         " GROUP BY 1 ORDER BY sum(cost_pusd) DESC, 1",
-        (Flag.UNPRICED, Flag.ESTIMATED, run_id, Flag.REFUSED, Flag.UNMETERED),
+        (Flag.UNPRICED, Flag.ESTIMATED, run_id),
     ).fetchall()
     lines = [
         ModelLine(

@@ -27,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from riskkernel.governor import ZERO, Refused, Spend, Ticket
+from riskkernel.ledger.store import insert_call
 from riskkernel.models import CallRecord, Flag, HaltReason, Refusal, Usage, now_iso, usd
 from riskkernel.pricing import MISSING, PriceBook, Rates
 from riskkernel.providers import Endpoint, Metered, Request, estimate_tokens, redact
@@ -68,6 +69,22 @@ class Proxy:
     upstreams: dict[str, str]  # provider -> base URL, e.g. {"openai": "https://api.openai.com/v1"}
     prices: PriceBook = field(default_factory=PriceBook)
     allow_unpriced: bool = False
+    http_proxies: dict[str, str | None] = field(init=False)  # provider -> the HTTP(S)_PROXY its upstream goes by
+
+    def __post_init__(self) -> None:
+        # Read once: aiohttp's trust_env would read the environment and ~/.netrc on every request, in threads.
+        self.http_proxies = {provider: env_proxy(url) for provider, url in self.upstreams.items()}
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy HTTP_PROXY / HTTPS_PROXY / NO_PROXY give for `url`, as curl and the SDKs would use."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 PROXY = web.AppKey("proxy", Proxy)
@@ -89,7 +106,6 @@ async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
         connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
         skip_auto_headers=("User-Agent", "Accept"),
-        trust_env=True,
     )
     app[SESSION] = session
     yield
@@ -185,7 +201,7 @@ class _Call:
             ttfb_ms=self.ttfb_ms,
             error=error,
         )
-        await asyncio.wrap_future(self.run.ledger.record_call(record))
+        await self.run.ledger.commit(insert_call(record))
 
     async def refuse(self, reason: str, message: str, flags: tuple[str, ...] = (Flag.REFUSED,)) -> web.Response:
         await self.record(402, flags=flags, error=str(reason))
@@ -321,7 +337,11 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
         # aiohttp writes a large body in slices, yielding to the loop between them, only from a file object.
         data = req.body if len(req.body) <= 2**20 else io.BytesIO(req.body)
         upstream = await session.post(
-            url, data=data, headers=_upstream_headers(call.request.headers), allow_redirects=False
+            url,
+            data=data,
+            headers=_upstream_headers(call.request.headers),
+            allow_redirects=False,
+            proxy=proxy.http_proxies[endpoint.provider],
         )
     except _UPSTREAM_ERRORS as exc:
         # A refused connection never reached the provider; a connection lost after sending may have been billed.
