@@ -149,10 +149,10 @@ def main() -> None:
         while not url_file.exists() or not url_file.read_text():
             time.sleep(0.05)
         rk_url = url_file.read_text()
+        idle_rss = rss_kib(rk.pid, "VmRSS")  # started, no call made yet
         targets = {"upstream": f"http://127.0.0.1:{up_port}", "floor": f"http://127.0.0.1:{floor_port}", "rk": rk_url}
         for base in targets.values():  # warm up: connection pools, price lookups, imports
             wrk(base + "/v1/chat/completions", 4, 1)
-        idle_rss = rss_kib(rk.pid, "VmRSS")
 
         runs: dict[tuple[str, int], list[dict[str, float]]] = {}
         ttfb: dict[str, list[float]] = {}
@@ -187,7 +187,7 @@ def main() -> None:
             f"| streaming TTFB, 50-chunk stream (ms) | {t['upstream']:.3f} | {t['floor']:.3f} | {t['rk']:.3f} "
             f"| {t['floor'] - t['upstream']:.3f} | {t['rk'] - t['upstream']:.3f} | |"
         )
-        print(f"\nrk RSS: idle {idle_rss / 1024:.1f} MiB, peak {peak_rss / 1024:.1f} MiB")
+        print(f"\nrk RSS: idle (started, no call yet) {idle_rss / 1024:.1f} MiB, peak {peak_rss / 1024:.1f} MiB")
         rk.terminate()
         rk.wait(20)
         rk_true, imports = hyperfine(

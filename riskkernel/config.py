@@ -8,15 +8,16 @@ environment and before the option's own default, and it remembers where each val
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from riskkernel.errors import ConfigError
 from riskkernel.models import Budget
-from riskkernel.pricing import Rates
+
+if TYPE_CHECKING:
+    from riskkernel.pricing import Rates
 
 UNLIMITED = "unlimited"
 DEFAULT_MAX_COST = "5.00"
@@ -121,6 +122,8 @@ def parse_budget(max_cost: str, max_tokens: str, max_calls: str, max_time: str) 
 
 def load_file(path: Path) -> dict[str, Any]:
     """A config file as a click default map for the commands that take these settings. Strict."""
+    import tomllib
+
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

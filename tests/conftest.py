@@ -59,7 +59,13 @@ class Harness:
     def run_id(self) -> str:
         return self.live.id
 
-    def calls(self) -> list[CallRecord]:
+    async def calls(self) -> list[CallRecord]:
+        """The run's call rows, once every write queued so far is committed."""
+        await self.ledger.commit(lambda db: None)
+        return self.committed_calls()
+
+    def committed_calls(self) -> list[CallRecord]:
+        """The run's call rows as committed at this instant."""
         db = store.open_reader(paths.ledger_path())
         assert db is not None
         try:
@@ -67,7 +73,8 @@ class Harness:
         finally:
             db.close()
 
-    def record(self) -> RunRecord:
+    async def record(self) -> RunRecord:
+        await self.ledger.commit(lambda db: None)
         db = store.open_reader(paths.ledger_path())
         assert db is not None
         try:

@@ -56,10 +56,10 @@ async def test_each_budget_halts_at_the_call_that_spends_it(
     assert refused.value.body["message"].startswith(message)  # type: ignore[index]
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert len(fake.requests) == 3
-    rows = proxy.calls()
+    rows = await proxy.calls()
     assert [r.status for r in rows] == [200, 200, 200, 402]
     assert rows[-1].flags == (Flag.REFUSED,) and rows[-1].error == reason
-    assert proxy.record().totals.calls == 3
+    assert (await proxy.record()).totals.calls == 3
 
 
 async def test_the_time_budget_halts_the_run_even_between_calls(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
@@ -90,7 +90,7 @@ async def test_concurrent_calls_cannot_jointly_run_past_the_cap(fake: FakeOpenAI
     refusals = [r for r in results if isinstance(r, openai.APIStatusError)]
     assert all(r.status_code == 402 and r.code == Refusal.INSUFFICIENT_BUDGET for r in refusals)
     assert admitted == 20 - len(refusals)
-    spent = proxy.record().totals.cost
+    spent = (await proxy.record()).totals.cost
     assert spent <= cap + CALL_COST  # at most one call past the cap
     assert admitted <= 6
 
@@ -108,7 +108,7 @@ async def test_a_slow_stream_is_cut_by_the_time_budget_and_its_partial_usage_cha
             text.append(chunk.choices[0].delta.content or "")
     assert time.monotonic() - started < 1.0  # promptly, not at the end of a generation
     assert raised.value.code == "time_budget_exceeded"  # type: ignore[attr-defined]
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert {Flag.CUT, Flag.ESTIMATED} <= set(row.flags) and row.error == "cut: time_budget_exceeded"
     assert row.usage.output_tokens >= len("".join(text)) // 4 > 0
     assert row.cost > 0
@@ -127,7 +127,7 @@ async def test_a_live_stream_is_cut_at_the_cost_cap(fake: FakeOpenAI, start_prox
     with pytest.raises(openai.APIError, match=r"rk: cost budget exceeded — spent \$0\.00\d+ of \$0\.001"):
         async for _ in stream:
             pass
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert Flag.CUT in row.flags and row.error == "cut: cost_budget_exceeded"
     assert D("0.001") <= row.cost < D("0.0012")
     assert proxy.live.governor.halt_reason == HaltReason.COST
@@ -161,7 +161,7 @@ async def test_an_unpriced_model_can_be_allowed_and_is_flagged(fake: FakeOpenAI,
     fake.script(Reply(model="acme-llm-9000"))
     proxy = await start_proxy(Budget(max_cost=D("1.00")), allow_unpriced=True)
     await proxy.client.chat.completions.create(model="acme-llm-9000", messages=MESSAGES)
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert row.flags == (Flag.UNPRICED,) and row.cost == 0 and row.price_source is None
 
 
@@ -173,7 +173,7 @@ async def test_a_price_override_prices_an_unknown_model(fake: FakeOpenAI, start_
     raw = await proxy.client.chat.completions.with_raw_response.create(model="acme-llm-9000", messages=MESSAGES)
     assert raw.headers["x-riskkernel-cost-usd"] == "3.0000"
     assert raw.headers["x-riskkernel-remaining-usd"] == "97.0000"
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert row.price_source == "--price"
 
 

@@ -52,7 +52,7 @@ async def test_a_non_streaming_response_reaches_the_client_byte_for_byte(
     assert raw.headers["x-riskkernel-call"] == "1"
     assert raw.headers["x-riskkernel-run-cost-usd"] == "0.0007"
     assert "x-riskkernel-remaining-usd" not in raw.headers  # no cost limit on this run
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert (row.requested_model, row.model, row.status, row.stream) == ("gpt-4o", "gpt-4o-2024-08-06", 200, False)
     assert row.usage == Usage(input_tokens=120, output_tokens=40) and row.cost == Decimal("0.0007")
 
@@ -100,7 +100,7 @@ async def test_a_stream_reaches_the_client_as_the_upstream_would_have_sent_it(
     raw = await stream_raw(proxy.client, model="gpt-4o", messages=MESSAGES, stream=True, **options)
     assert raw == reply.stream_bytes(include_usage)
     assert fake.requests[0].json()["stream_options"] == {"include_usage": True}
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     # 100 plain at $2.50, 100 cached at $1.25, 30 out at $10 per 1M
     assert row.cost == Decimal("0.000675") and row.flags == () and row.stream
 
@@ -140,7 +140,7 @@ async def test_cached_and_reasoning_tokens_are_priced_as_billed(
         await stream_raw(proxy.client, model="o3", messages=MESSAGES, stream=True)
     else:
         await proxy.client.chat.completions.create(model="o3", messages=MESSAGES)
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     # o3: 4,000 plain at $2, 6,000 cached at $0.50, 3,000 out (2,000 of it reasoning) at $8 per 1M
     assert row.cost == Decimal("0.035")
     assert row.usage == Usage(
@@ -156,9 +156,9 @@ async def test_the_ledger_has_the_call_before_the_client_has_the_last_byte(
     stream = await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     async for _ in stream:
         pass
-    assert len(proxy.calls()) == 1  # read at once: no waiting for a background writer
+    assert len(proxy.committed_calls()) == 1  # read at once, as the client returns: no waiting for a writer
     await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    assert len(proxy.calls()) == 2
+    assert len(proxy.committed_calls()) == 2
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ async def test_upstream_errors_pass_through_unchanged(
         await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert raised.value.response.status_code == status  # type: ignore[attr-defined]
     assert raised.value.response.content == body  # type: ignore[attr-defined]
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert row.status == status and row.cost == 0 and row.flags == ()
 
 
@@ -197,7 +197,7 @@ async def test_an_unreachable_upstream_is_a_502_in_openai_shape(start_proxy: Sta
     assert raised.value.status_code == 502
     assert raised.value.code == "upstream_unreachable"
     assert raised.value.body["message"].startswith("rk: upstream failed — could not reach http://127.0.0.1:9/v1")  # type: ignore[index]
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert row.status == 502 and row.cost == 0 and row.flags == ()  # never reached the provider: not billed
     assert row.error.startswith("could not reach")
 
@@ -231,7 +231,7 @@ async def test_a_stream_without_usage_is_charged_an_estimate(fake: FakeOpenAI, s
     fake.script(Reply(text="x" * 400, usage=None))
     proxy = await start_proxy()
     await stream_raw(proxy.client, model="gpt-4o", messages=MESSAGES, stream=True)
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert Flag.ESTIMATED in row.flags
     assert row.usage.output_tokens == 100 and row.usage.input_tokens > 0 and row.cost > 0
 
@@ -249,11 +249,11 @@ async def test_a_client_that_leaves_mid_stream_stops_the_upstream_and_is_charged
             break
     await stream.close()
     for _ in range(200):
-        if fake.streams_open == 0 and proxy.calls():
+        if fake.streams_open == 0 and await proxy.calls():
             break
         await asyncio.sleep(0.01)
     assert fake.streams_open == 0
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert Flag.ESTIMATED in row.flags and row.usage.output_tokens > 0 and row.error == "client disconnected"
     assert proxy.live.governor.in_flight == 0
 
@@ -279,7 +279,7 @@ async def test_a_stream_the_upstream_breaks_off_ends_in_an_error_the_sdk_raises(
         with pytest.raises(openai.APIError, match="rk: upstream failed — the stream broke off"):
             async for _ in stream:
                 pass
-        (row,) = proxy.calls()
+        (row,) = await proxy.calls()
         assert Flag.ESTIMATED in row.flags and row.error.startswith("the stream broke off")
     finally:
         await runner.cleanup()
@@ -299,6 +299,6 @@ async def test_the_served_model_is_priced_when_it_differs(fake: FakeOpenAI, star
     fake.script(Reply(model="gpt-4o-mini-2024-07-18", usage=usage(1_000_000, 0)))
     proxy = await start_proxy()
     await proxy.client.chat.completions.create(model="my-alias", messages=MESSAGES)
-    (row,) = proxy.calls()
+    (row,) = await proxy.calls()
     assert row.model == "gpt-4o-mini-2024-07-18" and row.cost == Decimal("0.15")
     assert json.loads(fake.requests[0].body)["model"] == "my-alias"

@@ -12,12 +12,9 @@ from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
 
 HELP = """Run an agent command under a spend cap.
 
-The command's OpenAI SDK is pointed at a local proxy (OPENAI_BASE_URL) that meters and prices every call,
-refuses calls with HTTP 402 once a budget is spent, and cuts live streams at the cap. The run is kept in
-the ledger and a cost table is printed to stderr when the command exits.
+The command's OpenAI SDK is pointed at a local proxy (through OPENAI_BASE_URL) that meters and prices every call, refuses calls with HTTP 402 once a budget is spent, and cuts live streams at the cap. The run is kept in the ledger, and a cost table is printed to stderr when the command exits.
 
-Exit status: the command's own; 3 if the run was halted and the command exited 0; 125 if rk could not
-start; 126/127 if the command could not be run; 128+N if it died of signal N.
+Exit status: the command's own; 3 if the run was halted and the command exited 0 (or rk stopped it under --on-halt terminate); 125 if rk itself could not start; 126 or 127 if the command could not be run; 128+N if it died of signal N.
 
 Example: rk run --max-cost 0.50 --max-calls 40 --max-time 10m -- python agent.py
 """
@@ -34,7 +31,9 @@ OUTPUT = "Output"
 
 
 def run(
-    command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS]...", help="The agent command, verbatim.")],
+    command: Annotated[
+        list[str], typer.Argument(metavar="CMD", help="The agent command and its arguments, after --, verbatim.")
+    ],
     max_cost: Annotated[
         str,
         typer.Option(

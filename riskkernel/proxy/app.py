@@ -290,11 +290,19 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
     run.calls.add(call.live)
     try:
         return await _exchange(call, admitted)
+    except Exception as exc:  # a bug in rk: the client gets an error in its provider's shape, the call a row
+        log.exception("rk: internal error in call %s of run %s", call.seq, run.id)
+        reserved = admitted.reserved
+        governor.settle(admitted, reserved.cost, reserved.tokens)
+        error = f"rk internal error: {type(exc).__name__}"
+        await call.record(500, usage=worst, cost=reserved.cost, flags=(Flag.ESTIMATED,), error=error)
+        body = endpoint.error_body(f"{error} (the call was charged its reservation)", "server_error", "rk_error")
+        return _json_response(500, body, {**call.rk_headers(), "x-should-retry": "false"})
     finally:
         run.calls.discard(call.live)
-        if not admitted.settled:  # an unexpected exit (cancellation, a bug): never lose the call
-            governor.settle(admitted, ZERO, 0)
-            log.warning("rk: call %s of run %s ended unexpectedly and was not metered", call.seq, run.id)
+        if not admitted.settled:  # cancelled (rk is shutting down): charge what the call reserved
+            governor.settle(admitted, admitted.reserved.cost, admitted.reserved.tokens)
+            log.warning("rk: call %s of run %s was cancelled; charged its reservation", call.seq, run.id)
 
 
 def _unpriced_message(model: str, run_id: str) -> str:
