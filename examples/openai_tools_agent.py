@@ -30,7 +30,7 @@ def get_weather(city: str) -> dict:
 
 
 messages = [{"role": "user", "content": "What is the weather in Paris and in Lyon? Use the tool."}]
-for step in range(6):
+for _ in range(6):  # a few model turns at most
     stream = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=TOOLS, stream=True)
     content, calls = "", {}
     for chunk in stream:

@@ -6,9 +6,10 @@ strings with milliseconds, so they sort as text in the ledger.
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -51,7 +52,14 @@ class Flag(StrEnum):
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = time.time()
+    second = int(now)
+    return f"{_iso_second(second)}.{int((now - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=1)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 PICO = Decimal("1e-12")  # the ledger keeps money as whole picodollars: exact, and summable in SQL

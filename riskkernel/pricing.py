@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
@@ -47,12 +47,6 @@ class Tiered:
 Rate = Decimal | Tiered
 
 
-def _rate(rate: Rate | None, total_input: int, fallback: Decimal) -> Decimal:
-    if rate is None:
-        return fallback
-    return rate if isinstance(rate, Decimal) else rate.at(total_input)
-
-
 @dataclass(frozen=True, slots=True)
 class Rates:
     """USD per 1M tokens (per 1,000 requests for `per_kilo_request`), and where they came from."""
@@ -66,30 +60,56 @@ class Rates:
     output_audio: Rate | None = None
     per_kilo_request: Decimal | None = None
     source: str = ""
+    _flat: tuple[Decimal, ...] | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not any(isinstance(getattr(self, name), Tiered) for name in _RATE_NAMES):
+            object.__setattr__(self, "_flat", self._resolve(0))  # the same for every call: resolve once
+
+    def _resolve(self, total_input: int) -> tuple[Decimal, ...]:
+        """USD per token for plain input, cache reads, cache writes, 1h cache writes, input audio, output and
+        output audio, each falling back as genai-prices does when the model has no rate of its own."""
+
+        def at(rate: Rate | None, fallback: Decimal) -> Decimal:
+            if rate is None:
+                return fallback
+            return (rate if isinstance(rate, Decimal) else rate.at(total_input)) / MILLION
+
+        inp = at(self.input, Decimal(0))
+        out = at(self.output, Decimal(0))
+        write = at(self.cache_write, inp)
+        return (
+            inp,
+            at(self.cache_read, inp),
+            write,
+            at(self.cache_write_1h, write),
+            at(self.input_audio, inp),
+            out,
+            at(self.output_audio, out),
+        )
 
     def cost(self, usage: Usage) -> Decimal:
         """USD, rounded to the picodollar the ledger keeps (exact for any rate with six decimals or fewer)."""
-        total_in = usage.input_tokens
-        inp = _rate(self.input, total_in, Decimal(0))
-        out = _rate(self.output, total_in, Decimal(0))
-        cache_write = _rate(self.cache_write, total_in, inp)
-        plain_in = total_in - usage.cached_input_tokens - usage.cache_write_tokens - usage.input_audio_tokens
-        cost = (
-            max(plain_in, 0) * inp
-            + usage.cached_input_tokens * _rate(self.cache_read, total_in, inp)
-            + (usage.cache_write_tokens - usage.cache_write_1h_tokens) * cache_write
-            + usage.cache_write_1h_tokens * _rate(self.cache_write_1h, total_in, cache_write)
-            + usage.input_audio_tokens * _rate(self.input_audio, total_in, inp)
-            + (usage.output_tokens - usage.output_audio_tokens) * out
-            + usage.output_audio_tokens * _rate(self.output_audio, total_in, out)
-        ) / MILLION
+        inp, read, write, write_1h, audio_in, out, audio_out = self._flat or self._resolve(usage.input_tokens)
+        u = usage
+        plain = u.input_tokens - u.cached_input_tokens - u.cache_write_tokens - u.input_audio_tokens
+        cost = max(plain, 0) * inp + (u.output_tokens - u.output_audio_tokens) * out
+        if u.cached_input_tokens:
+            cost += u.cached_input_tokens * read
+        if u.cache_write_tokens:
+            cost += (u.cache_write_tokens - u.cache_write_1h_tokens) * write + u.cache_write_1h_tokens * write_1h
+        if u.input_audio_tokens or u.output_audio_tokens:
+            cost += u.input_audio_tokens * audio_in + u.output_audio_tokens * audio_out
         if self.per_kilo_request:
             cost += self.per_kilo_request / 1000
         return cost.quantize(PICO)
 
     def output_per_token(self, total_input: int) -> Decimal:
         """USD per plain output token for a call with this much input: what a live stream is metered at."""
-        return _rate(self.output, total_input, Decimal(0)) / MILLION
+        return (self._flat or self._resolve(total_input))[5]
+
+
+_RATE_NAMES = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "input_audio", "output_audio")
 
 
 def normalize_model(name: str) -> str:

@@ -61,7 +61,7 @@ class Harness:
 
     async def calls(self) -> list[CallRecord]:
         """The run's call rows, once every write queued so far is committed."""
-        await self.ledger.commit(lambda db: None)
+        await self.ledger.commit(())
         return self.committed_calls()
 
     def committed_calls(self) -> list[CallRecord]:
@@ -74,7 +74,7 @@ class Harness:
             db.close()
 
     async def record(self) -> RunRecord:
-        await self.ledger.commit(lambda db: None)
+        await self.ledger.commit(())
         db = store.open_reader(paths.ledger_path())
         assert db is not None
         try:

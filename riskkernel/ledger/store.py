@@ -17,7 +17,7 @@ import os
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from decimal import Decimal
@@ -40,7 +40,8 @@ from riskkernel.models import (
     now_iso,
 )
 
-Write = Callable[[sqlite3.Connection], object]  # what to write, run on the writer thread
+Statement = tuple[str, Sequence[Any]]
+Write = Sequence[Statement]  # what to write, as data: statements run in one transaction on the writer thread
 _BATCH = 512
 
 
@@ -107,7 +108,6 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._queue: SimpleQueue[list[tuple[Write, Waiter]] | None] = SimpleQueue()
-        self._pending: list[tuple[Write, Waiter]] = []  # commit()s of this loop iteration, not yet queued
         self._thread = threading.Thread(target=self._run, name="rk-ledger", daemon=True)
 
     @classmethod
@@ -129,19 +129,11 @@ class Ledger:
         return future
 
     async def commit(self, write: Write) -> None:
-        """Queue a write and wait until it is committed. The writes of one loop iteration are handed to the
-        writer thread together, so a busy proxy wakes that thread (and contends for the GIL) once per
-        iteration rather than once per call. Use a Ledger from one event loop only."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._hand_over)
-        self._pending.append((write, future))
+        """Queue a write from the event loop and wait until it is committed. Writes queued while the writer
+        is busy are committed together, in the order they were queued."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put([(write, future)])
         await future
-
-    def _hand_over(self) -> None:
-        batch, self._pending = self._pending, []
-        self._queue.put(batch)
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -149,7 +141,10 @@ class Ledger:
             self._thread.join()
 
     def _run(self) -> None:
-        db = connect(self.path)
+        try:
+            db: sqlite3.Connection | None = connect(self.path)
+        except LedgerError as exc:
+            db, failure = None, exc  # every write fails with this, rather than waiting forever
         try:
             while True:
                 item = self._queue.get()
@@ -160,21 +155,23 @@ class Ledger:
                         break
                     item = self._queue.get()
                 if batch:
-                    self._commit(db, batch)
+                    errors: list[Exception | None] | None = (
+                        _transaction(db, [w for w, _ in batch]) if db is not None else [failure] * len(batch)
+                    )
+                    if errors is not None and len(batch) > 1 and db is not None:
+                        errors = [(_transaction(db, [write]) or [None])[0] for write, _ in batch]
+                    self._notify(batch, errors)
                 if item is None:
                     return
         finally:
-            db.close()
+            if db is not None:
+                db.close()
 
-    def _commit(self, db: sqlite3.Connection, batch: list[tuple[Write, Waiter]]) -> None:
-        """One transaction for the batch; if it fails, each write alone, so one bad row loses no others."""
-        errors = _transaction(db, [write for write, _ in batch])
-        if errors is not None and len(batch) > 1:
-            errors = [(_transaction(db, [write]) or [None])[0] for write, _ in batch]
+    def _notify(self, batch: list[tuple[Write, Waiter]], errors: list[Exception | None] | None) -> None:
         wakeups: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Exception | None]]] = {}
         for i, (_, waiter) in enumerate(batch):
-            error: Exception | None = None if errors is None else errors[i]
-            if error is not None:
+            error = None if errors is None else errors[i]
+            if error is not None and not isinstance(error, LedgerError):
                 error = LedgerError(f"cannot write to the ledger at {self.path}: {error}")
             if isinstance(waiter, asyncio.Future):
                 wakeups.setdefault(waiter.get_loop(), []).append((waiter, error))
@@ -204,11 +201,24 @@ def _immediate(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def _transaction(db: sqlite3.Connection, writes: list[Write]) -> list[Exception | None] | None:
-    """Run writes in one transaction: None if it committed, else the error (for each write)."""
+    """Run writes in one transaction: None if it committed, else the error, for each write. When a batch
+    fails, the writer runs each write alone, so one bad row loses no others.
+
+    Runs of the same statement (a batch of call rows) go to SQLite as one `executemany`."""
     try:
+        statements = [statement for write in writes for statement in write]
         with _immediate(db):
-            for write in writes:
-                write(db)
+            i = 0
+            while i < len(statements):
+                sql = statements[i][0]
+                j = i + 1
+                while j < len(statements) and statements[j][0] == sql:
+                    j += 1
+                if j - i == 1:
+                    db.execute(sql, statements[i][1])
+                else:
+                    db.executemany(sql, [params for _, params in statements[i:j]])
+                i = j
     except Exception as exc:
         return [exc] * len(writes)
     return None
@@ -224,6 +234,11 @@ def _resolve(waiters: list[tuple[asyncio.Future[None], Exception | None]]) -> No
             future.set_exception(error)
 
 
+_INSERT_RUN = (
+    "INSERT INTO runs (id, name, command, cwd, started_at, budget, status, tags, owner) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+
+
 def insert_run(run: RunRecord) -> Write:
     row = (
         run.run_id,
@@ -236,10 +251,7 @@ def insert_run(run: RunRecord) -> Write:
         json.dumps(run.tags),
         run.owner,
     )
-    sql = (
-        "INSERT INTO runs (id, name, command, cwd, started_at, budget, status, tags, owner) VALUES (?,?,?,?,?,?,?,?,?)"
-    )
-    return lambda db: db.execute(sql, row)
+    return ((_INSERT_RUN, row),)
 
 
 # Which calls a run's totals count: those that reached an upstream as metered calls.
@@ -255,14 +267,13 @@ _STORE_TOTALS = f"UPDATE runs SET ({', '.join(_TOTAL_COLUMNS)}) = ({_TOTALS}) WH
 
 
 def finish_run(run_id: str, status: RunStatus, halt_reason: str | None, exit_status: int | None) -> Write:
-    row = (str(status), halt_reason, exit_status, now_iso(), run_id)
-    sql = "UPDATE runs SET status = ?, halt_reason = ?, exit_status = ?, ended_at = ? WHERE id = ?"
+    return (
+        (_FINISH_RUN, (str(status), halt_reason, exit_status, now_iso(), run_id)),
+        (_STORE_TOTALS, (run_id, run_id)),
+    )
 
-    def write(db: sqlite3.Connection) -> None:
-        db.execute(sql, row)
-        db.execute(_STORE_TOTALS, (run_id, run_id))
 
-    return write
+_FINISH_RUN = "UPDATE runs SET status = ?, halt_reason = ?, exit_status = ?, ended_at = ? WHERE id = ?"
 
 
 _CALL_COLUMNS = (
@@ -292,7 +303,7 @@ def insert_call(call: CallRecord) -> Write:
         call.ttfb_ms,
         call.error,
     )
-    return lambda db: db.execute(_INSERT_CALL, row)
+    return ((_INSERT_CALL, row),)
 
 
 # -- reading ----------------------------------------------------------------------------------------------

@@ -145,17 +145,17 @@ def meter_chat(body: bytes) -> Metered:
     if not isinstance(obj, dict):
         return Metered()
     usage = obj.get("usage")
-    choices = obj.get("choices")
-    error = obj.get("error")
-    return Metered(
+    model, tier = obj.get("model"), obj.get("service_tier")
+    metered = Metered(
         usage=chat_usage(usage) if isinstance(usage, dict) else None,
-        model=obj.get("model") if isinstance(obj.get("model"), str) else None,
-        output_chars=sum(_message_chars(c.get("message")) for c in choices if isinstance(c, dict))
-        if isinstance(choices, list)
-        else 0,
-        service_tier=obj.get("service_tier") if isinstance(obj.get("service_tier"), str) else None,
-        error=_error_message(error),
+        model=model if isinstance(model, str) else None,
+        service_tier=tier if isinstance(tier, str) else None,
+        error=_error_message(obj.get("error")),
     )
+    choices = obj.get("choices")
+    if metered.usage is None and isinstance(choices, list):  # only needed to estimate the usage
+        metered.output_chars = sum(_message_chars(c.get("message")) for c in choices if isinstance(c, dict))
+    return metered
 
 
 def _error_message(error: Any) -> str | None:
