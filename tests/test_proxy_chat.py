@@ -68,6 +68,7 @@ async def test_request_bodies_and_headers_are_forwarded_faithfully(fake: FakeOpe
         "X-Hop": "drop me",
         "Keep-Alive": "timeout=5",
         "Accept-Encoding": "gzip, br",
+        "X-RiskKernel-Token": "not for the upstream",
     }
     async with (
         aiohttp.ClientSession() as session,
@@ -82,6 +83,25 @@ async def test_request_bodies_and_headers_are_forwarded_faithfully(fake: FakeOpe
     assert seen.headers["OpenAI-Organization"] == "org-123"
     assert seen.headers["Accept-Encoding"] == "identity"
     assert "X-Hop" not in seen.headers and "Keep-Alive" not in seen.headers
+    assert not any(name.lower().startswith("x-riskkernel-") for name in seen.headers)
+
+
+async def test_rk_headers_from_an_upstream_are_replaced_by_this_runs(start_proxy: StartProxy) -> None:
+    async def outer_rk(request: web.Request) -> web.Response:
+        await request.read()
+        headers = {"X-RiskKernel-Run-Id": "outer", "X-RiskKernel-Halt-Reason": "killed", "X-Other": "kept"}
+        return web.Response(body=Reply().whole(), content_type="application/json", headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", outer_rk)
+    runner, url = await serve(app)
+    try:
+        proxy = await start_proxy(openai_upstream=f"{url}/v1")
+        raw = await proxy.client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    finally:
+        await runner.cleanup()
+    assert raw.headers["x-riskkernel-run-id"] == proxy.run_id
+    assert "x-riskkernel-halt-reason" not in raw.headers and raw.headers["x-other"] == "kept"
 
 
 async def stream_raw(client: openai.AsyncOpenAI, **kwargs: object) -> bytes:

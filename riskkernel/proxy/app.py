@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import logging
@@ -156,6 +157,7 @@ class _Call:
         self.started_at = now_iso()
         self.ttfb_ms: float | None = None
         self.live = LiveCall()
+        self.stream: web.StreamResponse | None = None  # once a streamed answer has begun
 
     def rk_headers(self, cost: Decimal | None = None) -> dict[str, str]:
         g = self.run.governor
@@ -300,7 +302,13 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
         governor.settle(admitted, reserved.cost, reserved.tokens)
         error = f"rk internal error: {type(exc).__name__}"
         await call.record(500, usage=worst, cost=reserved.cost, flags=(Flag.ESTIMATED,), error=error)
-        body = endpoint.error_body(f"{error} (the call was charged its reservation)", "server_error", "rk_error")
+        message = f"{error} (the call was charged its reservation)"
+        if call.stream is not None:  # the answer has begun: end it with an error event the SDK raises on
+            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                await call.stream.write(endpoint.stream_error(message, "server_error", "rk_error"))
+                await call.stream.write_eof()
+            return call.stream
+        body = endpoint.error_body(message, "server_error", "rk_error")
         return _json_response(500, body, {**call.rk_headers(), "x-should-retry": "false"})
     finally:
         run.calls.discard(call.live)
@@ -316,23 +324,25 @@ def _unpriced_message(model: str, run_id: str) -> str:
     )
 
 
+def _without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """A copy without hop-by-hop headers (and those the Connection header names) and rk's own."""
+    out = CIMultiDict(headers)  # copied in C; dropping a few names is cheaper than filtering every header
+    named = headers.get("Connection")
+    for name in drop.union(n.strip() for n in named.split(",")) if named else drop:
+        out.popall(name, None)
+    for name in [n for n in out if n[:13].lower() == _RK_PREFIX]:
+        out.popall(name, None)
+    return out
+
+
 def _upstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named = {h.strip().lower() for h in headers.get("Connection", "").split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower not in _NOT_FORWARDED and lower not in named and not lower.startswith(_RK_PREFIX):
-            out.add(name, value)
+    out = _without(headers, _NOT_FORWARDED)
     out["Accept-Encoding"] = "identity"
     return out
 
 
 def _client_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
-        lower = name.lower()
-        if lower not in _NOT_RETURNED and not lower.startswith(_RK_PREFIX):
-            out.add(name, value)
+    out = _without(upstream.headers, _NOT_RETURNED)
     out.update(extra)
     return out
 
@@ -408,6 +418,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     req, endpoint, run = call.req, call.endpoint, call.run
     response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, call.rk_headers()))
     await response.prepare(call.request)
+    call.stream = response
 
     async def send(data: bytes) -> None:
         try:
