@@ -51,8 +51,6 @@ class RunSettings:
     mock: bool = False
     prices: tuple[tuple[str, Rates], ...] = ()
     allow_unpriced: bool = False
-    json_file: Path | None = None
-    quiet: bool = False
     name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 

@@ -40,7 +40,6 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUS
 class Outcome:
     run_id: str
     exit_status: int
-    halt_reason: str | None
     error: str | None = None  # why the child could not be started
 
 
@@ -138,7 +137,7 @@ async def run(
             await ledger.commit(store.finish_run(record.run_id, run_status, halt, final))
         finally:
             await asyncio.to_thread(ledger.close)
-    return Outcome(record.run_id, final, halt, error)
+    return Outcome(record.run_id, final, error)
 
 
 def _interactive() -> bool:

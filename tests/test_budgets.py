@@ -80,7 +80,7 @@ async def test_concurrent_calls_cannot_jointly_run_past_the_cap(fake: FakeOpenAI
     proxy = await start_proxy(Budget(max_cost=cap))
     prompt = [{"role": "user", "content": "x" * 3_980}]  # about the 1,000 input tokens the upstream reports
     calls = [asyncio.create_task(call(proxy.client, messages=prompt)) for _ in range(20)]
-    for _ in range(100):  # wait until every call was either admitted or refused
+    for _ in range(1000):  # wait until every call was either admitted or refused
         if len(fake.requests) + sum(t.done() for t in calls) == 20:
             break
         await asyncio.sleep(0.01)

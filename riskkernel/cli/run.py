@@ -138,8 +138,6 @@ def run(
         mock=mock,
         prices=tuple(parse_price_flag(p) for p in price or ()),
         allow_unpriced=allow_unpriced,
-        json_file=json_file,
-        quiet=quiet,
         name=name,
         tags=parse_tags(tag or []),
     )
@@ -154,7 +152,8 @@ def run(
     outcome = asyncio.run(runner.run(settings, command, announce))
     if outcome.error:
         output.error(outcome.error)
-    _report(outcome.run_id, quiet, json_file)
+    if not quiet or json_file is not None:
+        _report(outcome.run_id, quiet, json_file)
     from riskkernel.cli import Finished
 
     raise Finished(outcome.exit_status)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -178,7 +179,7 @@ class _Call:
         if self.ttfb_ms is None:
             self.ttfb_ms = (time.monotonic() - self.started) * 1000
 
-    async def record(
+    def row(
         self,
         status: int,
         *,
@@ -188,8 +189,8 @@ class _Call:
         source: str | None = None,
         flags: tuple[str, ...] = (),
         error: str | None = None,
-    ) -> None:
-        record = CallRecord(
+    ) -> CallRecord:
+        return CallRecord(
             run_id=self.run.id,
             seq=self.seq,
             started_at=self.started_at,
@@ -207,7 +208,10 @@ class _Call:
             ttfb_ms=self.ttfb_ms,
             error=error,
         )
-        await self.run.ledger.commit(insert_call(record))
+
+    async def record(self, status: int, **row: Any) -> None:
+        """Commit the call's row; returns once it is committed."""
+        await self.run.ledger.commit(insert_call(self.row(status, **row)))
 
     async def refuse(self, reason: str, message: str, flags: tuple[str, ...] = (Flag.REFUSED,)) -> web.Response:
         await self.record(402, flags=flags, error=str(reason))
@@ -312,9 +316,11 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
         return _json_response(500, body, {**call.rk_headers(), "x-should-retry": "false"})
     finally:
         run.calls.discard(call.live)
-        if not admitted.settled:  # cancelled (rk is shutting down): charge what the call reserved
-            governor.settle(admitted, admitted.reserved.cost, admitted.reserved.tokens)
-            log.warning("rk: call %s of run %s was cancelled; charged its reservation", call.seq, run.id)
+        if not admitted.settled:  # cancelled (rk is shutting down): charge and record what the call reserved
+            reserved = admitted.reserved
+            governor.settle(admitted, reserved.cost, reserved.tokens)
+            row = call.row(499, usage=worst, cost=reserved.cost, flags=(Flag.ESTIMATED,), error="cancelled")
+            run.ledger.submit(insert_call(row))  # committed before the ledger closes; nobody waits here
 
 
 def _unpriced_message(model: str, run_id: str) -> str:
