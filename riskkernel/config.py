@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from riskkernel.errors import ConfigError
 from riskkernel.models import Budget
+from riskkernel.providers import redact
 
 if TYPE_CHECKING:
     from riskkernel.pricing import Rates
@@ -31,15 +32,17 @@ ENV = {
     "on_halt": "RK_ON_HALT",
     "grace": "RK_GRACE",
     "openai_upstream": "RK_OPENAI_UPSTREAM",
+    "anthropic_upstream": "RK_ANTHROPIC_UPSTREAM",
     "mock": "RK_MOCK",
     "allow_unpriced": "RK_ALLOW_UNPRICED",
+    "allow_unmetered": "RK_ALLOW_UNMETERED",
     "price": "RK_PRICE",
     "name": "RK_NAME",
     "tag": "RK_TAG",
     "quiet": "RK_QUIET",
 }
 # Variables that would make a nested `rk run` bypass the outer one; never passed to a child.
-NOT_INHERITED = ("RK_OPENAI_UPSTREAM", "RK_MOCK")
+NOT_INHERITED = ("RK_OPENAI_UPSTREAM", "RK_ANTHROPIC_UPSTREAM", "RK_MOCK")
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,11 @@ class RunSettings:
     on_halt: str = "block"
     grace: float = 10.0
     openai_upstream: str | None = None
+    anthropic_upstream: str | None = None
     mock: bool = False
     prices: tuple[tuple[str, Rates], ...] = ()
     allow_unpriced: bool = False
+    allow_unmetered: bool = False
     name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -101,11 +106,11 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     return tags
 
 
-def parse_upstream(url: str | None) -> str | None:
+def parse_upstream(url: str | None, what: str = "upstream") -> str | None:
     if url is None:
         return None
     if not re.match(r"https?://[^/\s]+", url):
-        raise ConfigError(f"upstream {url!r}: expected an http:// or https:// URL")
+        raise ConfigError(f"{what} {redact(url)!r}: expected an http:// or https:// URL")
     return url.rstrip("/")
 
 

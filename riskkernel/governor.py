@@ -50,6 +50,8 @@ def format_money(amount: Decimal) -> str:
 
 
 def format_duration(seconds: float) -> str:
+    if seconds < 10 and seconds != int(seconds):
+        return f"{seconds:.1f}s"
     seconds = int(seconds)
     if seconds < 60 or seconds % 60:
         return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -116,6 +116,7 @@ class Usage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     output_audio_tokens: int = 0
+    web_searches: int = 0  # server-side web search requests, priced per request
 
     @property
     def total_tokens(self) -> int:
@@ -125,8 +126,10 @@ class Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
-# The usage columns that the ledger stores and the JSON shapes show, in order.
+# The usage a run's totals show, in order.
 USAGE_COLUMNS = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens")
+# The usage a call's row keeps: all of it, so that its cost can be worked out again from the row.
+CALL_USAGE_COLUMNS = tuple(f.name for f in fields(Usage))
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +163,7 @@ class CallRecord:
             "requested_model": self.requested_model,
             "stream": self.stream,
             "status": self.status,
-            **{name: getattr(self.usage, name) for name in USAGE_COLUMNS},
+            **{name: getattr(self.usage, name) for name in CALL_USAGE_COLUMNS},
             "cost_usd": usd(self.cost),
             "price_source": self.price_source,
             "flags": list(self.flags),

@@ -59,6 +59,7 @@ class Rates:
     input_audio: Rate | None = None
     output_audio: Rate | None = None
     per_kilo_request: Decimal | None = None
+    per_kilo_web_search: Decimal | None = None
     source: str = ""
     _flat: tuple[Decimal, ...] | None = field(init=False, repr=False, compare=False, default=None)
 
@@ -102,6 +103,8 @@ class Rates:
             cost += u.input_audio_tokens * audio_in + u.output_audio_tokens * audio_out
         if self.per_kilo_request:
             cost += self.per_kilo_request / 1000
+        if u.web_searches and self.per_kilo_web_search:
+            cost += u.web_searches * self.per_kilo_web_search / 1000
         return cost.quantize(PICO)
 
     def output_per_token(self, total_input: int) -> Decimal:
@@ -234,9 +237,11 @@ def _from_genai_prices(name: str, provider_hint: str | None, tier: str | None) -
     if "input" not in values and "output" not in values:
         return None  # priced by units rk does not meter (audio hours, characters)
     per_kilo_request = getattr(prices, "requests_kcount", None)
+    per_kilo_web_search = getattr(prices, "web_searches_kcount", None)
     return Rates(
         input=values.pop("input", None) or Decimal(0),
         per_kilo_request=per_kilo_request if isinstance(per_kilo_request, Decimal) else None,
+        per_kilo_web_search=per_kilo_web_search if isinstance(per_kilo_web_search, Decimal) else None,
         source=f"genai-prices {genai_prices_version()}: {provider.id}/{info.id}",
         **values,  # type: ignore[arg-type]
     )

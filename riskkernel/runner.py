@@ -12,6 +12,7 @@ reached it had rk not moved it. A second Ctrl-C (or SIGINT) terminates the child
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -21,16 +22,17 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from riskkernel import paths
-from riskkernel.config import NOT_INHERITED, RunSettings
+from riskkernel.config import NOT_INHERITED, RunSettings, parse_upstream
 from riskkernel.errors import ExitCode
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger, owner_id
 from riskkernel.models import HaltReason, RunRecord, RunStatus, now_iso
 from riskkernel.pricing import PriceBook
-from riskkernel.providers import openai
+from riskkernel.providers import redact
+from riskkernel.providers.catalog import PROVIDERS
 from riskkernel.proxy import serve
 from riskkernel.proxy.app import Proxy, make_app
-from riskkernel.proxy.mock import MOCK_KEYS, make_mock_app
+from riskkernel.proxy.mock import MOCK_KEY, make_mock_app
 from riskkernel.proxy.run import LiveRun
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -48,17 +50,27 @@ def new_run_id() -> str:
 
 
 def child_env(parent: dict[str, str], proxy_url: str, run_id: str, mock: bool) -> dict[str, str]:
+    """The child's environment: its SDKs' base URLs point at the proxy; under --mock, keys they need."""
     env = {k: v for k, v in parent.items() if k not in NOT_INHERITED}
-    env.update(
-        OPENAI_BASE_URL=f"{proxy_url}/v1",
-        OPENAI_API_BASE=f"{proxy_url}/v1",
-        RK_RUN_ID=run_id,
-        RK_PROXY_URL=proxy_url,
-    )
-    if mock:
-        for key, value in MOCK_KEYS.items():
-            env.setdefault(key, value)
+    for name in ("NO_PROXY", "no_proxy"):  # an HTTP(S)_PROXY must not take the child's calls away from rk
+        env[name] = ",".join(filter(None, [parent.get(name), "127.0.0.1", "localhost", "::1"]))
+    for provider in PROVIDERS:
+        env.update(dict.fromkeys(provider.base_env, proxy_url + provider.prefix))
+        if mock:
+            env.setdefault(provider.key_env, MOCK_KEY)
+    env.update(RK_RUN_ID=run_id, RK_PROXY_URL=proxy_url)
     return env
+
+
+def upstreams(settings: RunSettings, parent: dict[str, str]) -> dict[str, str]:
+    """Each provider's upstream: the flag, else the base URL rk was started with, else the provider's own."""
+    explicit = {"openai": settings.openai_upstream, "anthropic": settings.anthropic_upstream}
+    found = {}
+    for provider in PROVIDERS:
+        inherited = next((parent[name] for name in provider.base_env if parent.get(name)), None)
+        inherited = parse_upstream(inherited, what=provider.base_env[0])
+        found[provider.name] = explicit[provider.name] or inherited or provider.default_upstream
+    return found
 
 
 def exit_status(returncode: int, halted: bool, terminated: bool = False) -> int:
@@ -74,7 +86,7 @@ def new_record(settings: RunSettings, argv: list[str]) -> RunRecord:
     return RunRecord(
         run_id=new_run_id(),
         name=settings.name,
-        command=tuple(argv),
+        command=tuple(redact(arg, limit=None) for arg in argv),
         cwd=os.getcwd(),
         started_at=now_iso(),
         budget=settings.budget,
@@ -86,16 +98,17 @@ def new_record(settings: RunSettings, argv: list[str]) -> RunRecord:
 async def start_proxy(settings: RunSettings, live: LiveRun) -> tuple[list[web.AppRunner], str]:
     """Serve the proxy for a run (and the mock upstream under --mock): the servers, proxy first, and its URL."""
     servers = []
-    upstream = settings.openai_upstream or os.environ.get("OPENAI_BASE_URL") or openai.DEFAULT_UPSTREAM
+    bases = upstreams(settings, dict(os.environ))
     if settings.mock:
         mock, mock_url = await serve(make_mock_app())
         servers.append(mock)
-        upstream = f"{mock_url}/v1"
+        bases = {provider.name: mock_url + provider.prefix for provider in PROVIDERS}
     proxy = Proxy(
         run=live,
-        upstreams={openai.PROVIDER: upstream},
+        upstreams=bases,
         prices=PriceBook(settings.prices),
         allow_unpriced=settings.allow_unpriced,
+        allow_unmetered=settings.allow_unmetered,
     )
     try:
         server, url = await serve(make_app(proxy))
@@ -141,10 +154,14 @@ async def run(
 
 
 def _interactive() -> bool:
-    try:
-        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False
+    """Whether rk runs in the foreground of a terminal (through any of stdin, stdout, stderr)."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            continue
+    return False
 
 
 async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settings: RunSettings) -> tuple[int, bool]:
@@ -161,7 +178,7 @@ async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settin
         raise _ChildError(ExitCode.NOT_EXECUTABLE, f"cannot run {argv[0]}: {exc.strerror}") from None
 
     loop = asyncio.get_running_loop()
-    kill_timer: asyncio.TimerHandle | None = None
+    kill_at: float | None = None  # when the child's group gets SIGKILL, once rk has terminated it
     interrupts = 0
     halted_terminate = False
 
@@ -175,10 +192,10 @@ async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settin
             pass
 
     def terminate() -> None:
-        nonlocal kill_timer
-        if kill_timer is None and proc.returncode is None:
+        nonlocal kill_at
+        if kill_at is None and proc.returncode is None:
             signal_child(signal.SIGTERM)
-            kill_timer = loop.call_later(settings.grace, signal_child, signal.SIGKILL)
+            kill_at = loop.time() + settings.grace
 
     def on_interrupt() -> None:
         nonlocal interrupts
@@ -202,12 +219,33 @@ async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settin
     live.halt_listeners.append(on_halt)
     live.start_clock()
     try:
-        return await proc.wait(), halted_terminate
+        waiting = asyncio.ensure_future(proc.wait())
+        killed = False
+        while not waiting.done():
+            timeout = None if kill_at is None or killed else max(kill_at - loop.time(), 0)
+            await asyncio.wait({waiting}, timeout=timeout)
+            if not waiting.done():
+                signal_child(signal.SIGKILL)  # the grace period is over
+                killed = True
+        if kill_at is not None and not killed and not interactive:
+            await _reap_group(proc.pid, kill_at, loop)
+        return waiting.result(), halted_terminate
     finally:
         for sig in (*FORWARDED_SIGNALS, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        if kill_timer is not None:
-            kill_timer.cancel()
+
+
+async def _reap_group(pgid: int, kill_at: float, loop: asyncio.AbstractEventLoop) -> None:
+    """After a terminated child has exited, what it started may still run in its group: give that the rest
+    of the grace period to go, then SIGKILL it too."""
+    while loop.time() < kill_at:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        await asyncio.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 class _ChildError(Exception):

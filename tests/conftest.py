@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -20,7 +21,7 @@ from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger
 from riskkernel.models import Budget, CallRecord, RunRecord
 from riskkernel.proxy.run import LiveRun
-from tests.fakes import FakeOpenAI
+from tests.fakes import FakeUpstream
 
 SECRET = "sk-test-SECRETMARKER-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +39,8 @@ def rk_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    upstream = await FakeOpenAI().start()
+async def fake() -> AsyncIterator[FakeUpstream]:
+    upstream = await FakeUpstream().start()
     yield upstream
     await upstream.stop()
 
@@ -53,7 +54,8 @@ class Harness:
     ledger: Ledger
     servers: list[Any]
     client: openai.AsyncOpenAI
-    extra_clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+    claude: anthropic.AsyncAnthropic
+    extra_clients: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -87,16 +89,22 @@ class Harness:
         self.extra_clients.append(client)
         return client
 
+    def new_claude(self, **kwargs: Any) -> anthropic.AsyncAnthropic:
+        client = anthropic.AsyncAnthropic(base_url=self.url, api_key=SECRET, **{"max_retries": 0, **kwargs})
+        self.extra_clients.append(client)
+        return client
+
 
 StartProxy = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def start_proxy(fake: FakeOpenAI) -> AsyncIterator[StartProxy]:
+async def start_proxy(fake: FakeUpstream) -> AsyncIterator[StartProxy]:
     started: list[Harness] = []
 
     async def start(budget: Budget | None = None, **settings: Any) -> Harness:
         settings.setdefault("openai_upstream", fake.url)
+        settings.setdefault("anthropic_upstream", fake.root)
         config = RunSettings(budget=budget or Budget(max_cost=None), **settings)
         ledger = Ledger.open(paths.ledger_path())
         record = runner.new_record(config, ["agent"])
@@ -105,13 +113,14 @@ async def start_proxy(fake: FakeOpenAI) -> AsyncIterator[StartProxy]:
         live.start_clock()
         servers, url = await runner.start_proxy(config, live)
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
-        harness = Harness(url, live, ledger, servers, client)
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key=SECRET, max_retries=0)
+        harness = Harness(url, live, ledger, servers, client, claude)
         started.append(harness)
         return harness
 
     yield start
     for harness in started:
-        for client in [harness.client, *harness.extra_clients]:
+        for client in [harness.client, harness.claude, *harness.extra_clients]:
             await client.close()
         harness.live.stop_clock()
         for server in harness.servers:

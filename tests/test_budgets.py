@@ -10,7 +10,7 @@ import pytest
 
 from riskkernel.models import Budget, Flag, HaltReason, Refusal
 from tests.conftest import StartProxy
-from tests.fakes import FakeOpenAI, Reply, usage
+from tests.fakes import FakeUpstream, Reply, usage
 
 MESSAGES = [{"role": "user", "content": "go"}]
 D = Decimal
@@ -37,7 +37,7 @@ async def call(client: openai.AsyncOpenAI, **kwargs: object) -> object:
     ],
 )
 async def test_each_budget_halts_at_the_call_that_spends_it(
-    fake: FakeOpenAI, start_proxy: StartProxy, budget: Budget, reason: HaltReason, message: str
+    fake: FakeUpstream, start_proxy: StartProxy, budget: Budget, reason: HaltReason, message: str
 ) -> None:
     fake.script(CALL)
     proxy = await start_proxy(budget)
@@ -62,10 +62,10 @@ async def test_each_budget_halts_at_the_call_that_spends_it(
     assert (await proxy.record()).totals.calls == 3
 
 
-async def test_the_time_budget_halts_the_run_even_between_calls(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(Budget(max_cost=None, max_time=0.3))
+async def test_the_time_budget_halts_the_run_even_between_calls(fake: FakeUpstream, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(Budget(max_cost=None, max_time=2.0))
     await call(proxy.client)
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(2.1)
     assert proxy.live.governor.halt_reason == HaltReason.TIME
     with pytest.raises(openai.APIStatusError) as refused:
         await call(proxy.client)
@@ -73,7 +73,7 @@ async def test_the_time_budget_halts_the_run_even_between_calls(fake: FakeOpenAI
     assert len(fake.requests) == 1
 
 
-async def test_concurrent_calls_cannot_jointly_run_past_the_cap(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_concurrent_calls_cannot_jointly_run_past_the_cap(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     gate = asyncio.Event()  # the upstream holds every answer until all 20 calls have arrived or been refused
     fake.script(Reply(usage=usage(1_000, 100), gate=gate))
     cap = CALL_COST * 5
@@ -96,7 +96,7 @@ async def test_concurrent_calls_cannot_jointly_run_past_the_cap(fake: FakeOpenAI
 
 
 async def test_a_slow_stream_is_cut_by_the_time_budget_and_its_partial_usage_charged(
-    fake: FakeOpenAI, start_proxy: StartProxy
+    fake: FakeUpstream, start_proxy: StartProxy
 ) -> None:
     fake.script(Reply(endless=True, delay=0.05))
     proxy = await start_proxy(Budget(max_cost=D("1.00"), max_time=0.5))
@@ -119,7 +119,7 @@ async def test_a_slow_stream_is_cut_by_the_time_budget_and_its_partial_usage_cha
     assert fake.streams_open == 0  # the upstream connection was closed, so the generation stops
 
 
-async def test_a_live_stream_is_cut_at_the_cost_cap(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_a_live_stream_is_cut_at_the_cost_cap(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     fake.script(Reply(endless=True, delay=0.001))
     # $0.001 is 400 input tokens + ~300 output tokens of gpt-4o
     proxy = await start_proxy(Budget(max_cost=D("0.001")))
@@ -133,7 +133,7 @@ async def test_a_live_stream_is_cut_at_the_cost_cap(fake: FakeOpenAI, start_prox
     assert proxy.live.governor.halt_reason == HaltReason.COST
 
 
-async def test_a_kill_cuts_live_streams_and_refuses_later_calls(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_a_kill_cuts_live_streams_and_refuses_later_calls(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     fake.script(Reply(endless=True, delay=0.02))
     proxy = await start_proxy()
     stream = await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
@@ -148,7 +148,7 @@ async def test_a_kill_cuts_live_streams_and_refuses_later_calls(fake: FakeOpenAI
     assert len(fake.requests) == 1
 
 
-async def test_an_unpriced_model_is_refused_under_a_cost_budget(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_an_unpriced_model_is_refused_under_a_cost_budget(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     proxy = await start_proxy(Budget(max_cost=D("1.00")))
     with pytest.raises(openai.APIStatusError) as refused:
         await proxy.client.chat.completions.create(model="acme-llm-9000", messages=MESSAGES)
@@ -157,7 +157,7 @@ async def test_an_unpriced_model_is_refused_under_a_cost_budget(fake: FakeOpenAI
     assert fake.requests == [] and proxy.live.governor.halt_reason is None
 
 
-async def test_an_unpriced_model_can_be_allowed_and_is_flagged(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_an_unpriced_model_can_be_allowed_and_is_flagged(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     fake.script(Reply(model="acme-llm-9000"))
     proxy = await start_proxy(Budget(max_cost=D("1.00")), allow_unpriced=True)
     await proxy.client.chat.completions.create(model="acme-llm-9000", messages=MESSAGES)
@@ -165,7 +165,7 @@ async def test_an_unpriced_model_can_be_allowed_and_is_flagged(fake: FakeOpenAI,
     assert row.flags == (Flag.UNPRICED,) and row.cost == 0 and row.price_source is None
 
 
-async def test_a_price_override_prices_an_unknown_model(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_a_price_override_prices_an_unknown_model(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     from riskkernel.pricing import parse_price_flag
 
     fake.script(Reply(model="acme-llm-9000", usage=usage(1_000_000, 1_000_000)))
@@ -177,7 +177,7 @@ async def test_a_price_override_prices_an_unknown_model(fake: FakeOpenAI, start_
     assert row.price_source == "--price"
 
 
-async def test_a_zero_cost_budget_refuses_paid_calls(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_a_zero_cost_budget_refuses_paid_calls(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     proxy = await start_proxy(Budget(max_cost=D(0)))
     with pytest.raises(openai.APIStatusError, match=r"the cost budget is \$0"):
         await call(proxy.client)

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from riskkernel.models import Usage
+from riskkernel.providers import ErrorKind
 from riskkernel.providers import openai as oa
 from riskkernel.providers.sse import SSEDecoder
 from tests.fakes import Reply, compact, usage
@@ -140,19 +141,23 @@ def test_null_usage_is_cut_only_when_it_is_unambiguous() -> None:
     assert meter.feed(event)[0] == b'data: {"choices":[]}\n\n'
 
 
-def test_mid_stream_error_events_are_recorded() -> None:
+def test_mid_stream_error_events_end_the_stream_and_are_recorded() -> None:
     meter = oa.ChatStream(oa.Request("m", True, b"{}", 1, None))
     (event,) = SSEDecoder().feed(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
-    assert meter.feed(event) == (event.raw, False)
+    assert meter.feed(event) == (event.raw, True)  # the SDK raises on it: it is held until the row is in
     assert meter.result().error == "overloaded"
 
 
 def test_error_shapes() -> None:
-    assert json.loads(oa.error_body("rk: no", "budget_exceeded", "killed")) == {
+    assert json.loads(oa.error_body("rk: no", ErrorKind.BUDGET, "killed")) == {
         "error": {"message": "rk: no", "type": "budget_exceeded", "param": None, "code": "killed"}
     }
-    event = oa.chat_stream_error("rk: cut", "budget_exceeded", "cost_budget_exceeded")
-    assert event.startswith(b"data: {") and event.endswith(b"\n\n")
+    (event,) = SSEDecoder().feed(oa.data_error_event("rk: cut", ErrorKind.BUDGET, "cost_budget_exceeded"))
+    assert event.event is None and json.loads(event.data or "")["error"]["code"] == "cost_budget_exceeded"
+    (event,) = SSEDecoder().feed(oa.responses_error_event("rk: cut", ErrorKind.BUDGET, "killed"))
+    data = json.loads(event.data or "")
+    assert event.event == "error" and data["type"] == "error" and data["code"] == "killed"
+    assert data["error"]["message"] == "rk: cut"
 
 
 def test_mock_replies_are_deterministic_and_honour_the_output_limit() -> None:

@@ -13,7 +13,7 @@ from aiohttp import web
 from riskkernel.models import Flag, Usage
 from riskkernel.proxy import serve
 from tests.conftest import SECRET, StartProxy
-from tests.fakes import FakeOpenAI, Reply, compact, usage
+from tests.fakes import FakeUpstream, Reply, compact, usage
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [
@@ -33,7 +33,7 @@ TOOL_CALLS = [
 
 
 async def test_a_non_streaming_response_reaches_the_client_byte_for_byte(
-    fake: FakeOpenAI, start_proxy: StartProxy
+    fake: FakeUpstream, start_proxy: StartProxy
 ) -> None:
     reply = Reply(text=None, tool_calls=TOOL_CALLS, usage=usage(120, 40))
     fake.script(reply)
@@ -57,7 +57,7 @@ async def test_a_non_streaming_response_reaches_the_client_byte_for_byte(
     assert row.usage == Usage(input_tokens=120, output_tokens=40) and row.cost == Decimal("0.0007")
 
 
-async def test_request_bodies_and_headers_are_forwarded_faithfully(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_request_bodies_and_headers_are_forwarded_faithfully(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     proxy = await start_proxy()
     body = b'{ "model" : "gpt-4o",\n  "messages": [{"role": "user", "content": "caf\\u00e9"}], "future": [1.50, {}] }'
     headers = {
@@ -111,7 +111,7 @@ async def stream_raw(client: openai.AsyncOpenAI, **kwargs: object) -> bytes:
 
 @pytest.mark.parametrize("include_usage", [False, True])
 async def test_a_stream_reaches_the_client_as_the_upstream_would_have_sent_it(
-    fake: FakeOpenAI, start_proxy: StartProxy, include_usage: bool
+    fake: FakeUpstream, start_proxy: StartProxy, include_usage: bool
 ) -> None:
     reply = Reply(usage=usage(200, 30, cached=100))
     fake.script(reply)
@@ -125,7 +125,7 @@ async def test_a_stream_reaches_the_client_as_the_upstream_would_have_sent_it(
     assert row.cost == Decimal("0.000675") and row.flags == () and row.stream
 
 
-async def test_the_common_choices_0_loop_never_sees_a_usage_chunk(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_the_common_choices_0_loop_never_sees_a_usage_chunk(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     fake.script(Reply(text="one two three four five six"))
     proxy = await start_proxy()
     stream = await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
@@ -133,7 +133,7 @@ async def test_the_common_choices_0_loop_never_sees_a_usage_chunk(fake: FakeOpen
     assert text == "one two three four five six"
 
 
-async def test_streamed_tool_calls_reassemble_exactly(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_streamed_tool_calls_reassemble_exactly(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     fake.script(Reply(text=None, tool_calls=TOOL_CALLS, pieces=5))
     proxy = await start_proxy()
     stream = await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, tools=TOOLS, stream=True)
@@ -152,7 +152,7 @@ async def test_streamed_tool_calls_reassemble_exactly(fake: FakeOpenAI, start_pr
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_cached_and_reasoning_tokens_are_priced_as_billed(
-    fake: FakeOpenAI, start_proxy: StartProxy, stream: bool
+    fake: FakeUpstream, start_proxy: StartProxy, stream: bool
 ) -> None:
     fake.script(Reply(model="o3-2025-04-16", usage=usage(10_000, 3_000, cached=6_000, reasoning=2_000)))
     proxy = await start_proxy()
@@ -170,7 +170,7 @@ async def test_cached_and_reasoning_tokens_are_priced_as_billed(
 
 
 async def test_the_ledger_has_the_call_before_the_client_has_the_last_byte(
-    fake: FakeOpenAI, start_proxy: StartProxy
+    fake: FakeUpstream, start_proxy: StartProxy
 ) -> None:
     proxy = await start_proxy()
     stream = await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
@@ -198,7 +198,7 @@ async def test_the_ledger_has_the_call_before_the_client_has_the_last_byte(
     ],
 )
 async def test_upstream_errors_pass_through_unchanged(
-    fake: FakeOpenAI, start_proxy: StartProxy, status: int, body: bytes, error: type[Exception]
+    fake: FakeUpstream, start_proxy: StartProxy, status: int, body: bytes, error: type[Exception]
 ) -> None:
     fake.script(Reply(status=status, body=body))
     proxy = await start_proxy()
@@ -231,7 +231,7 @@ async def test_an_unreachable_upstream_is_a_502_in_openai_shape(start_proxy: Sta
     ],
 )
 async def test_bad_requests_are_answered_by_rk_and_never_forwarded(
-    fake: FakeOpenAI, start_proxy: StartProxy, body: bytes, status: int, code: str
+    fake: FakeUpstream, start_proxy: StartProxy, body: bytes, status: int, code: str
 ) -> None:
     proxy = await start_proxy()
     async with (
@@ -247,7 +247,7 @@ async def test_bad_requests_are_answered_by_rk_and_never_forwarded(
     assert len(fake.requests) == 1
 
 
-async def test_a_stream_without_usage_is_charged_an_estimate(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_a_stream_without_usage_is_charged_an_estimate(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     fake.script(Reply(text="x" * 400, usage=None))
     proxy = await start_proxy()
     await stream_raw(proxy.client, model="gpt-4o", messages=MESSAGES, stream=True)
@@ -257,7 +257,7 @@ async def test_a_stream_without_usage_is_charged_an_estimate(fake: FakeOpenAI, s
 
 
 async def test_a_client_that_leaves_mid_stream_stops_the_upstream_and_is_charged(
-    fake: FakeOpenAI, start_proxy: StartProxy
+    fake: FakeUpstream, start_proxy: StartProxy
 ) -> None:
     fake.script(Reply(endless=True, delay=0.01))
     proxy = await start_proxy()
@@ -279,7 +279,7 @@ async def test_a_client_that_leaves_mid_stream_stops_the_upstream_and_is_charged
 
 
 async def test_a_stream_the_upstream_breaks_off_ends_in_an_error_the_sdk_raises(start_proxy: StartProxy) -> None:
-    events = Reply().stream_events(include_usage=True)
+    events = Reply().stream_events({"stream_options": {"include_usage": True}})
 
     async def broken(request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -305,17 +305,17 @@ async def test_a_stream_the_upstream_breaks_off_ends_in_an_error_the_sdk_raises(
         await runner.cleanup()
 
 
-async def test_unknown_routes_are_404_in_openai_shape(start_proxy: StartProxy) -> None:
+async def test_routes_outside_the_api_are_404_in_openai_shape(start_proxy: StartProxy) -> None:
     proxy = await start_proxy()
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{proxy.url}/v1/fine_tuning/jobs", json={}) as response,
+        session.post(f"{proxy.url}/v2/anything", json={}) as response,
     ):
         assert response.status == 404
         assert (await response.json())["error"]["code"] == "unknown_route"
 
 
-async def test_the_served_model_is_priced_when_it_differs(fake: FakeOpenAI, start_proxy: StartProxy) -> None:
+async def test_the_served_model_is_priced_when_it_differs(fake: FakeUpstream, start_proxy: StartProxy) -> None:
     fake.script(Reply(model="gpt-4o-mini-2024-07-18", usage=usage(1_000_000, 0)))
     proxy = await start_proxy()
     await proxy.client.chat.completions.create(model="my-alias", messages=MESSAGES)

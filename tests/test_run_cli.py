@@ -12,7 +12,7 @@ import pytest
 
 from riskkernel import paths
 from tests.conftest import ROOT, SECRET, agent_script, rk
-from tests.fakes import FakeOpenAI, Reply, usage
+from tests.fakes import FakeUpstream, Reply, usage
 
 PY = sys.executable
 TWO_CALLS = """
@@ -25,7 +25,7 @@ for i in range(2):
 """
 
 
-def key_env(fake: FakeOpenAI | None = None) -> dict[str, str]:
+def key_env(fake: FakeUpstream | None = None) -> dict[str, str]:
     env = {"OPENAI_API_KEY": SECRET}
     if fake is not None:
         env["OPENAI_BASE_URL"] = fake.url  # the upstream rk takes over from the parent environment
@@ -47,7 +47,7 @@ async def test_the_tools_example_runs_under_mock() -> None:
     assert done.stdout.decode().startswith("final answer: ")
 
 
-async def test_the_child_gets_the_proxy_in_its_environment(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_the_child_gets_the_proxy_in_its_environment(tmp_path: Path, fake: FakeUpstream) -> None:
     names = "'OPENAI_BASE_URL', 'OPENAI_API_BASE', 'RK_RUN_ID', 'RK_PROXY_URL', 'RK_OPENAI_UPSTREAM'"
     script = agent_script(tmp_path, f"print(*(os.environ.get(name) for name in ({names})))")
     done = await rk("run", "--quiet", "--", PY, script, env={"RK_OPENAI_UPSTREAM": fake.url, **key_env()})
@@ -57,14 +57,14 @@ async def test_the_child_gets_the_proxy_in_its_environment(tmp_path: Path, fake:
     assert done.stderr == ""
 
 
-async def test_calls_go_to_the_upstream_the_parent_environment_named(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_calls_go_to_the_upstream_the_parent_environment_named(tmp_path: Path, fake: FakeUpstream) -> None:
     done = await rk("run", "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))
     assert done.status == 0, done.stderr
     assert len(fake.requests) == 2
     assert fake.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
 
 
-async def test_stdout_belongs_to_the_child(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_stdout_belongs_to_the_child(tmp_path: Path, fake: FakeUpstream) -> None:
     payload = b"\x00\x01 binary \xff\n" + b"line\n" * 2000
     script = agent_script(
         tmp_path, f"client.chat.completions.create(model='gpt-4o', messages=[])\nsys.stdout.buffer.write({payload!r})"
@@ -88,7 +88,7 @@ async def test_stdout_belongs_to_the_child(tmp_path: Path, fake: FakeOpenAI) -> 
         ("sys.exit(0)", ["--price", "gpt-4o=cheap"], 125),
     ],
 )
-async def test_exit_statuses(tmp_path: Path, fake: FakeOpenAI, body: str, flags: list[str], status: int) -> None:
+async def test_exit_statuses(tmp_path: Path, fake: FakeUpstream, body: str, flags: list[str], status: int) -> None:
     done = await rk("run", *flags, "--", PY, agent_script(tmp_path, body), env=key_env(fake))
     assert done.status == status, done.stderr
     if status == 125:
@@ -137,7 +137,7 @@ time.sleep(20)
     assert marker.read_text() == "TERM"
 
 
-async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeUpstream) -> None:
     script = agent_script(tmp_path, TWO_CALLS + "import time; print('still here', flush=True); time.sleep(30)")
     done = await rk(
         "run",
@@ -157,7 +157,7 @@ async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeOpenA
     assert "halted: call_budget_exceeded" in done.stderr
 
 
-async def test_the_json_summary_has_the_contract_shape(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_the_json_summary_has_the_contract_shape(tmp_path: Path, fake: FakeUpstream) -> None:
     fake.script(Reply(usage=usage(1000, 200, cached=400, reasoning=50)))
     out = tmp_path / "summary.json"
     done = await rk(
@@ -215,7 +215,7 @@ async def test_the_json_summary_has_the_contract_shape(tmp_path: Path, fake: Fak
     assert refused["status"] == 402 and refused["flags"] == ["refused"] and refused["error"] == "call_budget_exceeded"
 
 
-async def test_the_api_key_never_reaches_the_ledger_or_stderr(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_the_api_key_never_reaches_the_ledger_or_stderr(tmp_path: Path, fake: FakeUpstream) -> None:
     echo = {"error": {"message": f"Incorrect API key provided: {SECRET}.", "type": "invalid_request_error"}}
     fake.script(Reply(), Reply(status=401, body=json.dumps(echo).encode()))
     out = tmp_path / "summary.json"
@@ -260,7 +260,7 @@ async def test_a_bad_config_file_stops_rk_with_one_line(tmp_path: Path) -> None:
     assert "unknown setting 'max_cots'" in done.stderr and "Traceback" not in done.stderr
 
 
-async def test_nested_runs_chain_through_the_outer_proxy(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_nested_runs_chain_through_the_outer_proxy(tmp_path: Path, fake: FakeUpstream) -> None:
     inner = [PY, "-m", "riskkernel", "run", "--quiet", "--name", "inner", "--", PY, agent_script(tmp_path, TWO_CALLS)]
     done = await rk("run", "--name", "outer", "--json", str(tmp_path / "outer.json"), "--", *inner, env=key_env(fake))
     assert done.status == 0, done.stderr
@@ -272,7 +272,7 @@ async def test_nested_runs_chain_through_the_outer_proxy(tmp_path: Path, fake: F
     assert names == {"outer": 2, "inner": 2}
 
 
-async def test_the_ledger_shows_past_runs(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_the_ledger_shows_past_runs(tmp_path: Path, fake: FakeUpstream) -> None:
     done = await rk("run", "--quiet", "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))
     assert done.status == 0
     listed = await rk("ledger", "list", "--json")

@@ -12,7 +12,7 @@ from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
 
 HELP = """Run an agent command under a spend cap.
 
-The command's OpenAI SDK is pointed at a local proxy (through OPENAI_BASE_URL) that meters and prices every call, refuses calls with HTTP 402 once a budget is spent, and cuts live streams at the cap. The run is kept in the ledger, and a cost table is printed to stderr when the command exits.
+The command's OpenAI and Anthropic SDKs are pointed at a local proxy (through OPENAI_BASE_URL and ANTHROPIC_BASE_URL) that meters and prices every call, refuses calls with HTTP 402 once a budget is spent, and cuts live streams at the cap. The run is kept in the ledger, and a cost table is printed to stderr when the command exits.
 
 Exit status: the command's own; 3 if the run was halted and the command exited 0 (or rk stopped it under --on-halt terminate); 125 if rk itself could not start; 126 or 127 if the command could not be run; 128+N if it died of signal N.
 
@@ -81,6 +81,16 @@ def run(
             "https://api.openai.com/v1.",
         ),
     ] = None,
+    anthropic_upstream: Annotated[
+        str | None,
+        typer.Option(
+            envvar=ENV["anthropic_upstream"],
+            rich_help_panel=UPSTREAM,
+            show_default=False,
+            help="Where Anthropic calls go. Default: the ANTHROPIC_BASE_URL rk was started with, else "
+            "https://api.anthropic.com.",
+        ),
+    ] = None,
     mock: Annotated[
         bool,
         typer.Option(
@@ -108,6 +118,16 @@ def run(
             help="Let calls to models with no known price through, flagged unpriced, instead of refusing them.",
         ),
     ] = False,
+    allow_unmetered: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unmetered",
+            envvar=ENV["allow_unmetered"],
+            rich_help_panel=UPSTREAM,
+            help="Forward calls to routes rk does not meter (files, images, audio…) under a cost budget, "
+            "recorded as unmetered, instead of refusing them.",
+        ),
+    ] = False,
     json_file: Annotated[
         Path | None,
         typer.Option("--json", metavar="FILE", rich_help_panel=OUTPUT, help="Also write the run's summary as JSON."),
@@ -130,14 +150,18 @@ def run(
     from riskkernel.config import RunSettings, parse_budget, parse_tags, parse_upstream
     from riskkernel.pricing import parse_price_flag
 
+    if json_file is not None:
+        _check_writable(json_file)
     settings = RunSettings(
         budget=parse_budget(max_cost, max_tokens, max_calls, max_time),
         on_halt=on_halt.value,
         grace=grace,
         openai_upstream=parse_upstream(openai_upstream),
+        anthropic_upstream=parse_upstream(anthropic_upstream),
         mock=mock,
         prices=tuple(parse_price_flag(p) for p in price or ()),
         allow_unpriced=allow_unpriced,
+        allow_unmetered=allow_unmetered,
         name=name,
         tags=parse_tags(tag or []),
     )
@@ -157,6 +181,17 @@ def run(
     from riskkernel.cli import Finished
 
     raise Finished(outcome.exit_status)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the run, not after it, if its summary could not be written."""
+    import os
+
+    from riskkernel.errors import ConfigError
+
+    target = path if path.exists() else path.parent
+    if not target.exists() or not os.access(target, os.W_OK):
+        raise ConfigError(f"--json {path}: cannot write there")
 
 
 def _report(run_id: str, quiet: bool, json_file: Path | None) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from riskkernel.errors import LedgerError
 from riskkernel.ledger.migrations import migrate
 from riskkernel.models import (
+    CALL_USAGE_COLUMNS,
     PICO,
     USAGE_COLUMNS,
     Budget,
@@ -278,7 +279,7 @@ _FINISH_RUN = "UPDATE runs SET status = ?, halt_reason = ?, exit_status = ?, end
 
 _CALL_COLUMNS = (
     "run_id, seq, started_at, endpoint, provider, requested_model, model, stream, status, "
-    + ", ".join(USAGE_COLUMNS)
+    + ", ".join(CALL_USAGE_COLUMNS)
     + ", cost_pusd, price_source, flags, latency_ms, ttfb_ms, error"
 )
 _INSERT_CALL = f"INSERT INTO calls ({_CALL_COLUMNS}) VALUES ({', '.join('?' * len(_CALL_COLUMNS.split(',')))})"
@@ -295,7 +296,7 @@ def insert_call(call: CallRecord) -> Write:
         call.model,
         int(call.stream),
         call.status,
-        *(getattr(call.usage, column) for column in USAGE_COLUMNS),
+        *(getattr(call.usage, column) for column in CALL_USAGE_COLUMNS),
         to_pusd(call.cost),
         call.price_source,
         ",".join(call.flags),
@@ -385,8 +386,9 @@ def find_run(db: sqlite3.Connection, prefix: str) -> RunRecord:
 
 def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:
     cursor = db.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE run_id = ? ORDER BY seq", (run_id,))
+    n = len(CALL_USAGE_COLUMNS)
     for row in cursor:
-        usage = Usage(**dict(zip(USAGE_COLUMNS, row[9:14], strict=True)))
+        cost, source, flags, latency, ttfb, error = row[9 + n :]
         yield CallRecord(
             run_id=row[0],
             seq=row[1],
@@ -397,13 +399,13 @@ def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:
             model=row[6],
             stream=bool(row[7]),
             status=row[8],
-            usage=usage,
-            cost=from_pusd(row[14]),
-            price_source=row[15],
-            flags=tuple(row[16].split(",")) if row[16] else (),
-            latency_ms=row[17],
-            ttfb_ms=row[18],
-            error=row[19],
+            usage=Usage(*row[9 : 9 + n]),
+            cost=from_pusd(cost),
+            price_source=source,
+            flags=tuple(flags.split(",")) if flags else (),
+            latency_ms=latency,
+            ttfb_ms=ttfb,
+            error=error,
         )
 
 

@@ -1,22 +1,27 @@
 """Wire knowledge of the LLM APIs, sans-IO: no aiohttp, no sockets, bytes in and records out.
 
-Each metered route is an `Endpoint`: how to read its request, meter its response (whole or streamed),
-and speak its error shapes. The proxy drives endpoints without knowing whose API they belong to.
+A `Provider` is whose API it is: where it lives, how its SDKs find their base URL, its error shape. Each
+metered route is an `Endpoint` of a provider: how to read its request, meter its response (whole or
+streamed) and end a stream with an error. The proxy drives endpoints without knowing whose they are;
+`catalog` lists them all.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from riskkernel.models import Usage
 from riskkernel.providers.sse import Event
 
 CHARS_PER_TOKEN = 4  # how rk estimates tokens from text it has not been told the usage of
-IMAGE_TOKENS = 1000  # flat estimate for one image in a request
+MEDIA_TOKENS = 1000  # flat estimate for one image, audio clip, file or document in a request
+_MEDIA = ("image", "audio", "file", "document")  # in a part's type: its payload is binary, not text
 
 
 @dataclass(slots=True)
@@ -27,9 +32,10 @@ class Request:
     stream: bool
     body: bytes  # what goes upstream: the client's bytes, except where the endpoint must change them
     input_tokens: int  # estimated from the body
-    max_output_tokens: int | None  # the request's own output limit, if it set one
+    max_output_tokens: int | None  # the request's own output limit; None if it set none, 0 if it has no output
     service_tier: str | None = None
     hide_usage: bool = False  # rk asked the upstream for stream usage the client did not ask for
+    choices: int = 1  # how many completions the request asks for (`n`): each may use the output limit
 
 
 @dataclass(slots=True)
@@ -51,53 +57,122 @@ class StreamMeter(Protocol):
     def result(self) -> Metered: ...
 
 
+class ErrorKind(StrEnum):
+    """What went wrong, for an error rk itself answers; each provider words it in its own shape."""
+
+    INVALID = "invalid"  # 400: rk cannot read the request
+    TOO_LARGE = "too_large"  # 413: the request body is over rk's limit
+    NOT_FOUND = "not_found"  # 404: not a route rk serves
+    BUDGET = "budget"  # 402: a budget refusal, or the run is halted
+    REFUSED = "refused"  # 402: a call rk will not forward (an unpriced model, an unmetered endpoint)
+    UPSTREAM = "upstream"  # 502: the upstream could not be reached or broke off
+    INTERNAL = "internal"  # 500: a bug in rk
+
+
+ErrorBody = Callable[[str, ErrorKind, str], bytes]  # (message, kind, code) -> body in the provider's shape
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str  # openai | anthropic
+    default_upstream: str
+    base_env: tuple[str, ...]  # variables its SDKs read their base URL from, the first the current one
+    prefix: str  # the part of request paths that is in the SDK's base URL: /v1 for OpenAI, none for Anthropic
+    key_env: str  # the variable its SDKs read their API key from
+    error_body: ErrorBody
+
+    def upstream_url(self, base: str, raw_path: str) -> str:
+        """Where a request the client sent to `raw_path` (query included) goes, for an upstream `base`."""
+        return base.rstrip("/") + raw_path[len(self.prefix) :]
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     path: str  # as the client calls it, e.g. /v1/chat/completions
-    provider: str  # openai | anthropic
+    provider: Provider
     parse: Callable[[bytes], Request]  # raises ValueError with a message for the client
     meter: Callable[[bytes], Metered]  # a whole (non-streamed) response body
     stream_meter: Callable[[Request], StreamMeter]
-    error_body: Callable[[str, str, str], bytes]  # (message, type, code) in the provider's error shape
-    stream_error: Callable[[str, str, str], bytes]  # a terminal error event the provider's SDK raises on
+    stream_error: ErrorBody  # a terminal error event the provider's SDK raises on
     mock: Callable[[Request, dict[str, Any]], tuple[bytes, list[bytes]]]  # (body, stream events)
 
+    @property
+    def error_body(self) -> ErrorBody:
+        return self.provider.error_body
 
-_SECRET = re.compile(r"(sk-|Bearer\s+)[\w\-*.]{6,}")
+
+def load_object(body: bytes) -> dict[str, Any]:
+    """The request as a JSON object with a model, or ValueError with a message for the client."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        raise ValueError("rk: the request body is not valid JSON") from None
+    except RecursionError:
+        raise ValueError("rk: the request body is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise ValueError("rk: the request body must be a JSON object")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("rk: the request names no model")
+    if not isinstance(obj.get("stream", False), bool | None):
+        raise ValueError("rk: `stream` must be true or false")
+    return obj
 
 
-def redact(text: str, limit: int = 500) -> str:
-    """Upstream text made fit for the ledger and logs: API keys (even masked ones) cut out, length bounded."""
-    return _SECRET.sub(r"\1…", text)[:limit]
+def positive_int(value: Any) -> int:
+    """An integer field of a request or a usage report, or 0 if it is missing or not a positive integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def text_len(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 0
+
+
+def sse(event: str | None, data: Any) -> bytes:
+    """One server-sent event carrying `data` as compact JSON."""
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+_SECRETS = (
+    re.compile(r"(sk-|Bearer\s+)[\w\-*.]{6,}"),  # API keys, even masked ones
+    re.compile(r"(\w://)[^/\s@]+@"),  # credentials in a URL
+    re.compile(r"(?i)([?&;]\s*(?:api[-_]?key|key|token|secret|password|sig|signature|code)=)[^&;\s]+"),
+    re.compile(r"(?i)((?:api[-_]?key|token|secret|password)[\s:=]+)[\w\-*.]{12,}"),
+)
+
+
+def redact(text: str, limit: int | None = 500) -> str:
+    """Text made fit for the ledger and logs: API keys (even masked ones), URL credentials and secret
+    parameters cut out, length bounded."""
+    for pattern in _SECRETS:
+        text = pattern.sub(r"\1…", text)
+    return text[:limit]
 
 
 def estimate_tokens(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
-def count_input(node: Any) -> tuple[int, int]:
-    """(characters, images) in a parsed request: every key and string, and each image part once."""
-    if isinstance(node, str):
-        return len(node), 0
-    chars = images = 0
-    if isinstance(node, dict):
-        kind = node.get("type")
-        if isinstance(kind, str) and "image" in kind:
-            return 0, 1
-        for key, value in node.items():
-            c, i = count_input(value)
-            chars += len(key) + c
-            images += i
-    elif isinstance(node, list):
-        for value in node:
-            c, i = count_input(value)
-            chars += c
-            images += i
-    elif node is not None:
-        chars = 2
-    return chars, images
-
-
 def estimate_input_tokens(obj: Any) -> int:
-    chars, images = count_input(obj)
-    return estimate_tokens(chars) + images * IMAGE_TOKENS
+    """Tokens in a parsed request part: a token for every 4 characters of its keys and strings, and a flat
+    1,000 for each media part (image, audio, file, document), whose base64 payload says little about the
+    tokens it costs. Iterative, so no nesting is too deep for it."""
+    chars = media = 0
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            chars += len(node)
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and any(word in kind for word in _MEDIA):
+                media += 1
+                continue
+            chars += sum(len(key) for key in node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif node is not None:
+            chars += 2
+    return estimate_tokens(chars) + media * MEDIA_TOKENS

@@ -1,87 +1,101 @@
-"""Everything OpenAI-specific: routes, usage fields, the include_usage rule, error shapes, mock replies.
+"""Everything OpenAI-specific: the routes (chat, legacy completions, Responses, embeddings), their usage
+fields, the include_usage rule, error shapes and mock replies.
 
-Chat streams carry usage only when `stream_options.include_usage` is set, so rk forces it upstream and,
-for a client that did not ask, hides the difference again: the usage-only chunk (`choices: []`, which
-crashes the common `chunk.choices[0]` client code) is dropped and the `"usage":null` that every other
-chunk then carries is cut out of its bytes. The client sees what it would have seen without rk.
+Chat and completion streams carry usage only when `stream_options.include_usage` is set, so rk forces it
+upstream and, for a client that did not ask, hides the difference again: the usage-only chunk
+(`choices: []`, which crashes the common `chunk.choices[0]` client code) is dropped and the `"usage":null`
+that every other chunk then carries is cut out of its bytes. The client sees what it would have seen
+without rk. Responses streams always end with their usage, in `response.completed` (or `.incomplete`,
+`.failed`).
 
-Usage: `prompt_tokens` includes cached (and, where a compatible server reports them, cache-write) tokens;
-reasoning tokens are inside `completion_tokens`.
+Usage: `prompt_tokens` / `input_tokens` include cached (and, where a compatible server reports them,
+cache-write) tokens; reasoning tokens are inside `completion_tokens` / `output_tokens`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import struct
 import time
 from typing import Any
 
 from riskkernel.models import Usage
-from riskkernel.providers import Endpoint, Metered, Request, estimate_input_tokens
+from riskkernel.providers import (
+    Endpoint,
+    ErrorKind,
+    Metered,
+    Provider,
+    Request,
+    estimate_input_tokens,
+    load_object,
+    positive_int,
+    sse,
+    text_len,
+)
 from riskkernel.providers.sse import Event
-
-PROVIDER = "openai"
-DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*\})|"usage"\s*:\s*null\s*,\s*')
 _FORCED_USAGE = b',"stream_options":{"include_usage":true}'
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # what the legacy completions API generates when max_tokens is not given
 
 
 # -- errors -----------------------------------------------------------------------------------------------
 
+_TYPES = {
+    ErrorKind.INVALID: "invalid_request_error",
+    ErrorKind.TOO_LARGE: "invalid_request_error",
+    ErrorKind.NOT_FOUND: "invalid_request_error",
+    ErrorKind.BUDGET: "budget_exceeded",
+    ErrorKind.REFUSED: "invalid_request_error",
+    ErrorKind.UPSTREAM: "upstream_error",
+    ErrorKind.INTERNAL: "server_error",
+}
 
-def _error(message: str, type_: str, code: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+def _error(message: str, kind: ErrorKind, code: str) -> dict[str, Any]:
+    return {"message": message, "type": _TYPES[kind], "param": None, "code": code}
 
 
-def error_body(message: str, type_: str, code: str) -> bytes:
-    return json.dumps(_error(message, type_, code), ensure_ascii=False).encode()
+def error_body(message: str, kind: ErrorKind, code: str) -> bytes:
+    return json.dumps({"error": _error(message, kind, code)}, ensure_ascii=False).encode()
 
 
-def chat_stream_error(message: str, type_: str, code: str) -> bytes:
-    """A chat stream's terminal error: the openai SDK raises `APIError` on a data event with `error`."""
-    return b"data: " + error_body(message, type_, code) + b"\n\n"
+def data_error_event(message: str, kind: ErrorKind, code: str) -> bytes:
+    """A chat or completions stream's terminal error: the openai SDK raises `APIError` on an event whose
+    data has an `error` object."""
+    return b"data: " + error_body(message, kind, code) + b"\n\n"
+
+
+def responses_error_event(message: str, kind: ErrorKind, code: str) -> bytes:
+    """A Responses stream's terminal error: the Responses `error` event, with the `error` object the openai
+    SDK raises `APIError` on."""
+    error = _error(message, kind, code)
+    return sse("error", {"type": "error", "code": code, "message": message, "param": None, "error": error})
+
+
+PROVIDER = Provider(
+    name="openai",
+    default_upstream="https://api.openai.com/v1",
+    base_env=("OPENAI_BASE_URL", "OPENAI_API_BASE"),
+    prefix="/v1",
+    key_env="OPENAI_API_KEY",
+    error_body=error_body,
+)
 
 
 # -- requests ---------------------------------------------------------------------------------------------
 
 
-def load_object(body: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        raise ValueError("rk: the request body is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise ValueError("rk: the request body must be a JSON object")
-    model = obj.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError("rk: the request names no model")
-    if not isinstance(obj.get("stream", False), bool | None):
-        raise ValueError("rk: `stream` must be true or false")
-    return obj
-
-
-def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def parse_chat(body: bytes) -> Request:
-    obj = load_object(body)
-    stream = bool(obj.get("stream"))
-    hide_usage = stream and not _wants_usage(obj)
-    if hide_usage:
-        body = _force_include_usage(body, obj)
+def _tier(obj: dict[str, Any]) -> str | None:
     tier = obj.get("service_tier")
-    return Request(
-        model=obj["model"],
-        stream=stream,
-        body=body,
-        input_tokens=estimate_input_tokens(obj.get("messages")) + estimate_input_tokens(obj.get("tools")),
-        max_output_tokens=_positive_int(obj.get("max_completion_tokens")) or _positive_int(obj.get("max_tokens")),
-        service_tier=tier if isinstance(tier, str) else None,
-        hide_usage=hide_usage,
-    )
+    return tier if isinstance(tier, str) else None
+
+
+def _estimate(obj: dict[str, Any], *fields: str) -> int:
+    return sum(estimate_input_tokens(obj.get(name)) for name in fields)
 
 
 def _wants_usage(obj: dict[str, Any]) -> bool:
@@ -97,11 +111,63 @@ def _force_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     return json.dumps({**obj, "stream_options": {**options, "include_usage": True}}, ensure_ascii=False).encode()
 
 
+def _usage_streamed_request(
+    body: bytes, obj: dict[str, Any], input_fields: tuple[str, ...], output: int | None
+) -> Request:
+    """A chat or completions request, with stream usage forced on if the client streams without it."""
+    stream = bool(obj.get("stream"))
+    hide_usage = stream and not _wants_usage(obj)
+    return Request(
+        model=obj["model"],
+        stream=stream,
+        body=_force_include_usage(body, obj) if hide_usage else body,
+        input_tokens=_estimate(obj, *input_fields),
+        max_output_tokens=output,
+        service_tier=_tier(obj),
+        hide_usage=hide_usage,
+        choices=max(positive_int(obj.get("n")), positive_int(obj.get("best_of")), 1),
+    )
+
+
+def parse_chat(body: bytes) -> Request:
+    obj = load_object(body)
+    output = positive_int(obj.get("max_completion_tokens")) or positive_int(obj.get("max_tokens")) or None
+    return _usage_streamed_request(body, obj, ("messages", "tools", "functions"), output)
+
+
+def parse_completions(body: bytes) -> Request:
+    obj = load_object(body)
+    output = positive_int(obj.get("max_tokens")) if "max_tokens" in obj else COMPLETIONS_DEFAULT_MAX_TOKENS
+    return _usage_streamed_request(body, obj, ("prompt", "suffix"), output or None)
+
+
+def parse_responses(body: bytes) -> Request:
+    obj = load_object(body)
+    return Request(
+        model=obj["model"],
+        stream=bool(obj.get("stream")),
+        body=body,
+        input_tokens=_estimate(obj, "input", "instructions", "tools"),
+        max_output_tokens=positive_int(obj.get("max_output_tokens")) or None,
+        service_tier=_tier(obj),
+    )
+
+
+def parse_embeddings(body: bytes) -> Request:
+    obj = load_object(body)
+    if obj.get("stream"):
+        raise ValueError("rk: embeddings are not streamed")
+    data = obj.get("input")
+    if isinstance(data, list) and data and all(isinstance(x, int) for x in data):
+        tokens = len(data)  # one input given as token ids
+    elif isinstance(data, list) and data and all(isinstance(x, list) for x in data):
+        tokens = sum(len(x) for x in data)  # several inputs given as token ids
+    else:
+        tokens = estimate_input_tokens(data)
+    return Request(model=obj["model"], stream=False, body=body, input_tokens=tokens, max_output_tokens=0)
+
+
 # -- responses --------------------------------------------------------------------------------------------
-
-
-def _count(value: Any) -> int:
-    return len(value) if isinstance(value, str) else 0
 
 
 def _details(usage: dict[str, Any], key: str) -> dict[str, Any]:
@@ -110,52 +176,47 @@ def _details(usage: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def chat_usage(usage: dict[str, Any]) -> Usage:
+    """Chat and legacy completions usage (also embeddings, which report only prompt tokens)."""
     prompt = _details(usage, "prompt_tokens_details")
     completion = _details(usage, "completion_tokens_details")
     return Usage(
-        input_tokens=_positive_int(usage.get("prompt_tokens")) or 0,
-        cached_input_tokens=_positive_int(prompt.get("cached_tokens")) or 0,
-        cache_write_tokens=_positive_int(prompt.get("cache_write_tokens")) or 0,
-        input_audio_tokens=_positive_int(prompt.get("audio_tokens")) or 0,
-        output_tokens=_positive_int(usage.get("completion_tokens")) or 0,
-        reasoning_tokens=_positive_int(completion.get("reasoning_tokens")) or 0,
-        output_audio_tokens=_positive_int(completion.get("audio_tokens")) or 0,
+        input_tokens=positive_int(usage.get("prompt_tokens")),
+        cached_input_tokens=positive_int(prompt.get("cached_tokens")),
+        cache_write_tokens=positive_int(prompt.get("cache_write_tokens")),
+        input_audio_tokens=positive_int(prompt.get("audio_tokens")),
+        output_tokens=positive_int(usage.get("completion_tokens")),
+        reasoning_tokens=positive_int(completion.get("reasoning_tokens")),
+        output_audio_tokens=positive_int(completion.get("audio_tokens")),
     )
 
 
-def _message_chars(message: Any) -> int:
-    """Generated text in a chat message or stream delta: content, refusal, reasoning, tool calls."""
-    if not isinstance(message, dict):
+def responses_usage(usage: dict[str, Any], web_searches: int = 0) -> Usage:
+    return Usage(
+        input_tokens=positive_int(usage.get("input_tokens")),
+        cached_input_tokens=positive_int(_details(usage, "input_tokens_details").get("cached_tokens")),
+        output_tokens=positive_int(usage.get("output_tokens")),
+        reasoning_tokens=positive_int(_details(usage, "output_tokens_details").get("reasoning_tokens")),
+        web_searches=web_searches,
+    )
+
+
+def _choice_chars(choice: Any) -> int:
+    """Generated text in a chat or completions choice, whole or streamed: content, refusal, reasoning,
+    tool calls, or a completion's text."""
+    if not isinstance(choice, dict):
         return 0
-    chars = sum(_count(message.get(k)) for k in ("content", "refusal", "reasoning_content", "reasoning"))
+    chars = text_len(choice.get("text"))
+    message = choice.get("message") or choice.get("delta")
+    if not isinstance(message, dict):
+        return chars
+    chars += sum(text_len(message.get(k)) for k in ("content", "refusal", "reasoning_content", "reasoning"))
     calls = message.get("tool_calls")
     functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
     functions.append(message.get("function_call"))
     for fn in functions:
         if isinstance(fn, dict):
-            chars += _count(fn.get("name")) + _count(fn.get("arguments"))
+            chars += text_len(fn.get("name")) + text_len(fn.get("arguments"))
     return chars
-
-
-def meter_chat(body: bytes) -> Metered:
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return Metered()
-    if not isinstance(obj, dict):
-        return Metered()
-    usage = obj.get("usage")
-    model, tier = obj.get("model"), obj.get("service_tier")
-    metered = Metered(
-        usage=chat_usage(usage) if isinstance(usage, dict) else None,
-        model=model if isinstance(model, str) else None,
-        service_tier=tier if isinstance(tier, str) else None,
-        error=_error_message(obj.get("error")),
-    )
-    choices = obj.get("choices")
-    if metered.usage is None and isinstance(choices, list):  # only needed to estimate the usage
-        metered.output_chars = sum(_message_chars(c.get("message")) for c in choices if isinstance(c, dict))
-    return metered
 
 
 def _error_message(error: Any) -> str | None:
@@ -164,8 +225,79 @@ def _error_message(error: Any) -> str | None:
     return None
 
 
+def _load(body: bytes | str) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _str(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    return value if isinstance(value, str) else None
+
+
+def meter_chat(body: bytes) -> Metered:
+    """A whole chat completion, legacy completion or embeddings response."""
+    obj = _load(body)
+    usage = obj.get("usage")
+    metered = Metered(
+        usage=chat_usage(usage) if isinstance(usage, dict) else None,
+        model=_str(obj, "model"),
+        service_tier=_str(obj, "service_tier"),
+        error=_error_message(obj.get("error")),
+    )
+    choices = obj.get("choices")
+    if metered.usage is None and isinstance(choices, list):  # only needed to estimate the usage
+        metered.output_chars = sum(_choice_chars(choice) for choice in choices)
+    return metered
+
+
+def _web_searches(response: dict[str, Any]) -> int:
+    output = response.get("output")
+    if not isinstance(output, list):
+        return 0
+    return sum(1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call")
+
+
+def _output_chars(response: dict[str, Any]) -> int:
+    """Generated text in a Responses output: message text, function call arguments, reasoning summaries."""
+    chars = 0
+    for item in response.get("output") or ():
+        if not isinstance(item, dict):
+            continue
+        chars += text_len(item.get("arguments"))
+        for part in (item.get("content") or []) + (item.get("summary") or []):
+            if isinstance(part, dict):
+                chars += text_len(part.get("text"))
+    return chars
+
+
+def _meter_response(response: dict[str, Any], metered: Metered) -> None:
+    """Fill `metered` from a Responses response object, as returned whole or in a terminal event."""
+    usage = response.get("usage")
+    metered.model = _str(response, "model") or metered.model
+    metered.service_tier = _str(response, "service_tier") or metered.service_tier
+    if isinstance(usage, dict):
+        metered.usage = responses_usage(usage, _web_searches(response))
+    error = response.get("error")
+    if error:
+        metered.error = _error_message(error)
+
+
+def meter_responses(body: bytes) -> Metered:
+    obj = _load(body)
+    metered = Metered(error=_error_message(obj.get("error")) if "output" not in obj else None)
+    _meter_response(obj, metered)
+    if metered.usage is None:
+        metered.output_chars = _output_chars(obj)
+    return metered
+
+
 class ChatStream:
-    """Meters one chat completions stream and decides, event by event, what the client sees."""
+    """Meters one chat or completions stream and decides, event by event, what the client sees. The stream
+    ends (for rk's purposes) at its usage-only chunk, an error, or `[DONE]`."""
 
     def __init__(self, request: Request) -> None:
         self.hide_usage = request.hide_usage
@@ -177,34 +309,61 @@ class ChatStream:
             return event.raw, False
         if data == "[DONE]":
             return event.raw, True
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return event.raw, False
-        if not isinstance(obj, dict):
+        obj = _load(data) if data.startswith("{") else {}
+        if not obj:
             return event.raw, False
         m = self.metered
-        if m.model is None and isinstance(obj.get("model"), str):
-            m.model = obj["model"]
-        if isinstance(obj.get("service_tier"), str):
-            m.service_tier = obj["service_tier"]
+        if m.model is None:
+            m.model = _str(obj, "model")
+        m.service_tier = _str(obj, "service_tier") or m.service_tier
         raw = event.raw
         choices = obj.get("choices")
         if "usage" in obj:
             usage = obj["usage"]
             if isinstance(usage, dict):
                 m.usage = chat_usage(usage)
-                if self.hide_usage and not choices:
-                    return b"", False
+                if not choices:  # the usage-only chunk: generation is over, only [DONE] follows
+                    return (b"" if self.hide_usage else raw), True
             elif usage is None and self.hide_usage:
                 stripped, n = _NULL_USAGE.subn(b"", raw)
                 if n == 1:
                     raw = stripped
         if isinstance(choices, list):
-            m.output_chars += sum(_message_chars(c.get("delta")) for c in choices if isinstance(c, dict))
-        if "error" in obj:
+            m.output_chars += sum(_choice_chars(choice) for choice in choices)
+        if "error" in obj:  # the SDK raises on it at once: it ends the stream as the client sees it
             m.error = _error_message(obj["error"])
+            return raw, True
         return raw, False
+
+    def result(self) -> Metered:
+        return self.metered
+
+
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class ResponsesStream:
+    """Meters one Responses stream: text and arguments as they flow, the usage from its terminal event."""
+
+    def __init__(self, request: Request) -> None:
+        self.metered = Metered()
+
+    def feed(self, event: Event) -> tuple[bytes, bool]:
+        if event.data is None:
+            return event.raw, False
+        obj = _load(event.data)
+        kind = obj.get("type") or event.event
+        if kind in _RESPONSE_ENDS or kind == "response.created":
+            response = obj.get("response")
+            if isinstance(response, dict):
+                _meter_response(response, self.metered)
+            return event.raw, kind in _RESPONSE_ENDS
+        if isinstance(kind, str) and kind.endswith(".delta"):
+            self.metered.output_chars += text_len(obj.get("delta"))
+        elif kind == "error":
+            self.metered.error = str(obj.get("message") or _error_message(obj.get("error")) or "error event")
+            return event.raw, True
+        return event.raw, False
 
     def result(self) -> Metered:
         return self.metered
@@ -219,63 +378,175 @@ MOCK_WORDS = (
 ).split()
 
 
-def mock_words(obj: dict[str, Any], limit: int | None) -> tuple[list[str], str]:
-    """Deterministic reply words for a request (one word = one token), and the finish reason."""
-    digest = hashlib.sha256(json.dumps(obj.get("messages") or obj.get("input"), sort_keys=True).encode()).digest()
+def mock_words(seed: Any, limit: int | None) -> tuple[list[str], bool]:
+    """Deterministic reply words for a request's content (one word = one token), and whether the output
+    limit cut them short."""
+    digest = hashlib.sha256(json.dumps(seed, sort_keys=True, default=str).encode()).digest()
     count = 24 + digest[0] % 40
     words = [MOCK_WORDS[(digest[1] + i) % len(MOCK_WORDS)] for i in range(count)]
     if limit is not None and count > limit:
-        return words[:limit], "length"
-    return words, "stop"
+        return words[:limit], True
+    return words, False
 
 
-def mock_chat(request: Request, obj: dict[str, Any]) -> tuple[bytes, list[bytes]]:
-    words, finish = mock_words(obj, request.max_output_tokens)
-    text = " ".join(words)
-    ident = "chatcmpl-mock" + hashlib.sha256(request.body).hexdigest()[:20]
-    base = {"id": ident, "created": int(time.time()), "model": request.model, "system_fingerprint": "fp_rk_mock"}
-    usage = {
+def _mock_id(prefix: str, request: Request) -> str:
+    return prefix + hashlib.sha256(request.body).hexdigest()[:24]
+
+
+def _usage_chunk_stream(
+    base: dict[str, Any], pieces: list[dict[str, Any]], usage: dict[str, Any], include_usage: bool
+) -> list[bytes]:
+    """A chat or completions stream: one chunk per choice piece, then usage if asked for, then [DONE]."""
+    extra = {"usage": None} if include_usage else {}
+    events = [sse(None, {**base, "choices": [piece], **extra}) for piece in pieces]
+    if include_usage:
+        events.append(sse(None, {**base, "choices": [], "usage": usage}))
+    return [*events, b"data: [DONE]\n\n"]
+
+
+def _mock_chat_usage(request: Request, output: int) -> dict[str, Any]:
+    return {
         "prompt_tokens": request.input_tokens,
-        "completion_tokens": len(words),
-        "total_tokens": request.input_tokens + len(words),
+        "completion_tokens": output,
+        "total_tokens": request.input_tokens + output,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
     }
-    message = {"role": "assistant", "content": text, "refusal": None}
-    body = {
+
+
+def mock_chat(request: Request, obj: dict[str, Any]) -> tuple[bytes, list[bytes]]:
+    words, cut = mock_words(obj.get("messages"), request.max_output_tokens)
+    finish = "length" if cut else "stop"
+    usage = _mock_chat_usage(request, len(words))
+    base = {
+        "id": _mock_id("chatcmpl-mock", request),
+        "created": int(time.time()),
+        "model": request.model,
+        "system_fingerprint": "fp_rk_mock",
+    }
+    message = {"role": "assistant", "content": " ".join(words), "refusal": None}
+    whole = {
         **base,
         "object": "chat.completion",
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
         "usage": usage,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
     }
+
+    def piece(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+    pieces = [piece({"role": "assistant", "content": "", "refusal": None})]
+    pieces += [piece({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+    pieces.append(piece({}, finish))
     chunk = {**base, "object": "chat.completion.chunk"}
-    include_usage = _wants_usage(obj)
-    extra = {"usage": None} if include_usage else {}
-
-    def event(choices: list[dict[str, Any]], **more: Any) -> bytes:
-        return b"data: " + json.dumps({**chunk, "choices": choices, **more}).encode() + b"\n\n"
-
-    def delta(d: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        return {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
-
-    events = [event([delta({"role": "assistant", "content": "", "refusal": None})], **extra)]
-    events += [event([delta({"content": w if i == 0 else " " + w})], **extra) for i, w in enumerate(words)]
-    events.append(event([delta({}, finish)], **extra))
-    if include_usage:
-        events.append(event([], usage=usage))
-    events.append(b"data: [DONE]\n\n")
-    return json.dumps(body).encode(), events
+    return json.dumps(whole).encode(), _usage_chunk_stream(chunk, pieces, usage, _wants_usage(obj))
 
 
-CHAT = Endpoint(
-    path="/v1/chat/completions",
-    provider=PROVIDER,
-    parse=parse_chat,
-    meter=meter_chat,
-    stream_meter=ChatStream,
-    error_body=error_body,
-    stream_error=chat_stream_error,
-    mock=mock_chat,
+def mock_completions(request: Request, obj: dict[str, Any]) -> tuple[bytes, list[bytes]]:
+    words, cut = mock_words(obj.get("prompt"), request.max_output_tokens)
+    finish = "length" if cut else "stop"
+    usage = _mock_chat_usage(request, len(words))
+    base = {
+        "id": _mock_id("cmpl-mock", request),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": request.model,
+    }
+    text = " " + " ".join(words)
+    whole = {**base, "usage": usage, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+    pieces = [{"text": " " + w, "index": 0, "logprobs": None, "finish_reason": None} for w in words]
+    pieces.append({"text": "", "index": 0, "logprobs": None, "finish_reason": finish})
+    return json.dumps(whole).encode(), _usage_chunk_stream(base, pieces, usage, _wants_usage(obj))
+
+
+def mock_responses(request: Request, obj: dict[str, Any]) -> tuple[bytes, list[bytes]]:
+    words, cut = mock_words(obj.get("input"), request.max_output_tokens)
+    text = " ".join(words)
+    ident = _mock_id("resp_mock", request)
+    item_id = "msg_" + ident[9:]
+    usage = {
+        "input_tokens": request.input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": len(words),
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": request.input_tokens + len(words),
+    }
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    response = {
+        "id": ident,
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": request.model,
+        "status": "incomplete" if cut else "completed",
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "instructions": obj.get("instructions"),
+        "output": [item],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage,
+        "service_tier": "default",
+        "store": False,
+        "text": {"format": {"type": "text"}},
+    }
+    started = {**response, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+    seq = iter(range(1_000_000))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return sse(kind, {"type": kind, "sequence_number": next(seq), **fields})
+
+    at = {"output_index": 0, "item_id": item_id, "content_index": 0}
+    events = [
+        event("response.created", response=started),
+        event("response.in_progress", response=started),
+        event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
+        event("response.content_part.added", **at, part={**part, "text": ""}),
+        *(event("response.output_text.delta", **at, delta=w if i == 0 else " " + w) for i, w in enumerate(words)),
+        event("response.output_text.done", **at, text=text),
+        event("response.content_part.done", **at, part=part),
+        event("response.output_item.done", output_index=0, item=item),
+        event("response.incomplete" if cut else "response.completed", response=response),
+    ]
+    return json.dumps(response).encode(), events
+
+
+def mock_embeddings(request: Request, obj: dict[str, Any]) -> tuple[bytes, list[bytes]]:
+    data = obj.get("input")
+    inputs = data if isinstance(data, list) and not all(isinstance(x, int) for x in data) else [data]
+    default = 3072 if "large" in request.model else 1536
+    dimensions = positive_int(obj.get("dimensions")) or default
+    vectors = []
+    for index, item in enumerate(inputs):
+        seed = hashlib.sha256(json.dumps(item).encode()).digest()
+        values = [((seed[i % 32] + i) % 256) / 255 - 0.5 for i in range(dimensions)]
+        if obj.get("encoding_format") == "base64":
+            embedding: Any = base64.b64encode(struct.pack(f"<{dimensions}f", *values)).decode()
+        else:
+            embedding = values
+        vectors.append({"object": "embedding", "index": index, "embedding": embedding})
+    usage = {"prompt_tokens": request.input_tokens, "total_tokens": request.input_tokens}
+    whole = {"object": "list", "data": vectors, "model": request.model, "usage": usage}
+    return json.dumps(whole).encode(), []
+
+
+# -- the routes -------------------------------------------------------------------------------------------
+
+CHAT = Endpoint("/v1/chat/completions", PROVIDER, parse_chat, meter_chat, ChatStream, data_error_event, mock_chat)
+COMPLETIONS = Endpoint(
+    "/v1/completions", PROVIDER, parse_completions, meter_chat, ChatStream, data_error_event, mock_completions
 )
-
-ENDPOINTS = (CHAT,)
+RESPONSES = Endpoint(
+    "/v1/responses",
+    PROVIDER,
+    parse_responses,
+    meter_responses,
+    ResponsesStream,
+    responses_error_event,
+    mock_responses,
+)
+EMBEDDINGS = Endpoint(
+    "/v1/embeddings", PROVIDER, parse_embeddings, meter_chat, ChatStream, data_error_event, mock_embeddings
+)
+ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)

@@ -8,6 +8,9 @@
   endpoint's terminal event on, bytes are held back until the call's ledger row is committed: a call the
   client saw is a call the ledger has. A cut (cap, time, kill) closes the upstream at once, charges the
   partial usage and ends the client's stream with a terminal error event in the provider's format.
+- Routes rk does not meter are passed through, streamed both ways, and recorded as unmetered: GETs and
+  token counting for free; any other call only when no cost budget is set or `--allow-unmetered` says so,
+  since its spend could not count against the budget.
 - Everything rk itself answers is in the provider's error shape; budget refusals are 402, which the
   SDKs do not retry, and say so with `x-should-retry: false` as well.
 """
@@ -21,7 +24,7 @@ import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -33,9 +36,17 @@ from riskkernel.governor import ZERO, Refused, Spend, Ticket
 from riskkernel.ledger.store import insert_call
 from riskkernel.models import CallRecord, Flag, HaltReason, Refusal, Usage, now_iso, usd
 from riskkernel.pricing import MISSING, PriceBook, Rates
-from riskkernel.providers import Endpoint, Metered, Request, estimate_tokens, redact
-from riskkernel.providers.openai import ENDPOINTS as OPENAI_ENDPOINTS
-from riskkernel.providers.openai import error_body
+from riskkernel.providers import (
+    Endpoint,
+    ErrorKind,
+    Metered,
+    Provider,
+    Request,
+    StreamMeter,
+    estimate_tokens,
+    redact,
+)
+from riskkernel.providers.catalog import ENDPOINTS, FREE_POSTS, provider_for
 from riskkernel.providers.sse import SSEDecoder
 from riskkernel.proxy.run import LiveCall, LiveRun
 
@@ -45,6 +56,9 @@ MAX_BODY = 32 * 1024 * 1024  # larger request bodies get 413 and are never forwa
 MAX_EVENT = 16 * 1024 * 1024  # an SSE event that grows past this is a broken stream
 OUTPUT_RESERVE = 4096  # output tokens reserved for a call that sets no output limit of its own
 CONNECT_TIMEOUT = 30.0
+# Longest silence from an upstream before rk gives up on it: the SDKs' own default timeout is 10 minutes,
+# and a long generation sends nothing until it is done, so this never cuts a call a client still waits for.
+READ_TIMEOUT = 900.0
 
 _HOP_BY_HOP = frozenset(
     {
@@ -72,6 +86,7 @@ class Proxy:
     upstreams: dict[str, str]  # provider -> base URL, e.g. {"openai": "https://api.openai.com/v1"}
     prices: PriceBook = field(default_factory=PriceBook)
     allow_unpriced: bool = False
+    allow_unmetered: bool = False
     http_proxies: dict[str, str | None] = field(init=False)  # provider -> the HTTP(S)_PROXY its upstream goes by
 
     def __post_init__(self) -> None:
@@ -80,14 +95,21 @@ class Proxy:
 
 
 def env_proxy(url: str) -> str | None:
-    """The proxy HTTP_PROXY / HTTPS_PROXY / NO_PROXY give for `url`, as curl and the SDKs would use."""
+    """The proxy HTTP_PROXY / HTTPS_PROXY / NO_PROXY give for `url`, as curl and the SDKs would use. Never
+    one for a loopback upstream (the mock, an outer rk, a local model server)."""
+    import ipaddress
     import urllib.request
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+    host = urlsplit(url).hostname
+    if host is None or host == "localhost" or urllib.request.proxy_bypass(host):
         return None
-    return urllib.request.getproxies().get(parts.scheme)
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return urllib.request.getproxies().get(urlsplit(url).scheme)
 
 
 PROXY = web.AppKey("proxy", Proxy)
@@ -98,8 +120,12 @@ def make_app(proxy: Proxy) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[PROXY] = proxy
     app.cleanup_ctx.append(_client_session)
-    for endpoint in OPENAI_ENDPOINTS:
+    for endpoint in ENDPOINTS:
         app.router.add_post(endpoint.path, _handler(endpoint))
+    for path in FREE_POSTS:
+        app.router.add_post(path, _free)
+    app.router.add_route("GET", "/v1/{tail:.*}", _free)  # (HEAD too)
+    app.router.add_route("*", "/v1/{tail:.*}", _unmetered)
     app.router.add_route("*", "/{tail:.*}", _not_served)
     return app
 
@@ -107,7 +133,7 @@ def make_app(proxy: Proxy) -> web.Application:
 async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
         skip_auto_headers=("User-Agent", "Accept"),
     )
     app[SESSION] = session
@@ -117,9 +143,8 @@ async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
 
 async def _not_served(request: web.Request) -> web.Response:
     message = f"rk: {request.method} {request.path} is not a route rk serves"
-    return web.Response(
-        status=404, body=error_body(message, "invalid_request_error", "unknown_route"), content_type="application/json"
-    )
+    body = provider_for(request.path, request.headers).error_body(message, ErrorKind.NOT_FOUND, "unknown_route")
+    return _json_response(404, body)
 
 
 def _handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -133,6 +158,29 @@ def _json_response(status: int, body: bytes, headers: dict[str, str] | None = No
     return web.Response(status=status, body=body, headers=headers, content_type="application/json")
 
 
+def _rk_headers(run: LiveRun, seq: int, cost: Decimal | None = None) -> dict[str, str]:
+    g = run.governor
+    headers = {
+        "X-RiskKernel-Run-Id": run.id,
+        "X-RiskKernel-Call": str(seq),
+        "X-RiskKernel-Run-Cost-Usd": usd(g.spent.cost),
+    }
+    if g.remaining_cost is not None:
+        headers["X-RiskKernel-Remaining-Usd"] = usd(g.remaining_cost)
+    if cost is not None:
+        headers["X-RiskKernel-Cost-Usd"] = usd(cost)
+    if g.halt_reason is not None:
+        headers["X-RiskKernel-Halt-Reason"] = str(g.halt_reason)
+    return headers
+
+
+def _refusal(provider: Provider, reason: str, message: str, headers: dict[str, str]) -> web.Response:
+    """A 402: a budget refusal or a halted run (`BUDGET`), or a call rk will not forward (`REFUSED`)."""
+    kind = ErrorKind.BUDGET if reason in (*HaltReason, Refusal.INSUFFICIENT_BUDGET) else ErrorKind.REFUSED
+    body = provider.error_body(message, kind, str(reason))
+    return _json_response(402, body, {**headers, "x-should-retry": "false"})
+
+
 async def _rates(prices: PriceBook, model: str, provider: str, tier: str | None) -> Rates | None:
     rates = prices.cached(model, provider, tier)
     if rates is MISSING:
@@ -144,7 +192,7 @@ async def _rates(prices: PriceBook, model: str, provider: str, tier: str | None)
 
 
 class _Call:
-    """One call on its way through the proxy: what it will record, and how it answers the client."""
+    """One admitted-or-refused call on its way through the proxy: what it records, how it answers."""
 
     def __init__(self, proxy: Proxy, endpoint: Endpoint, request: web.Request, req: Request, rates: Rates | None):
         self.proxy = proxy
@@ -158,22 +206,14 @@ class _Call:
         self.started_at = now_iso()
         self.ttfb_ms: float | None = None
         self.live = LiveCall()
+        output = OUTPUT_RESERVE if req.max_output_tokens is None else req.max_output_tokens
+        self.worst = Usage(input_tokens=req.input_tokens, output_tokens=output * req.choices)
+        self.meter: StreamMeter | None = None  # once a streamed answer is being metered
         self.stream: web.StreamResponse | None = None  # once a streamed answer has begun
+        self.recorded = False
 
     def rk_headers(self, cost: Decimal | None = None) -> dict[str, str]:
-        g = self.run.governor
-        headers = {
-            "X-RiskKernel-Run-Id": self.run.id,
-            "X-RiskKernel-Call": str(self.seq),
-            "X-RiskKernel-Run-Cost-Usd": usd(g.spent.cost),
-        }
-        if g.remaining_cost is not None:
-            headers["X-RiskKernel-Remaining-Usd"] = usd(g.remaining_cost)
-        if cost is not None:
-            headers["X-RiskKernel-Cost-Usd"] = usd(cost)
-        if g.halt_reason is not None:
-            headers["X-RiskKernel-Halt-Reason"] = str(g.halt_reason)
-        return headers
+        return _rk_headers(self.run, self.seq, cost)
 
     def mark_first_byte(self) -> None:
         if self.ttfb_ms is None:
@@ -195,7 +235,7 @@ class _Call:
             seq=self.seq,
             started_at=self.started_at,
             endpoint=self.endpoint.path,
-            provider=self.endpoint.provider,
+            provider=self.endpoint.provider.name,
             requested_model=self.req.model,
             model=model or self.req.model,
             stream=self.req.stream,
@@ -211,13 +251,12 @@ class _Call:
 
     async def record(self, status: int, **row: Any) -> None:
         """Commit the call's row; returns once it is committed."""
+        self.recorded = True
         await self.run.ledger.commit(insert_call(self.row(status, **row)))
 
-    async def refuse(self, reason: str, message: str, flags: tuple[str, ...] = (Flag.REFUSED,)) -> web.Response:
-        await self.record(402, flags=flags, error=str(reason))
-        kind = "budget_exceeded" if reason in (*HaltReason, Refusal.INSUFFICIENT_BUDGET) else "invalid_request_error"
-        headers = {**self.rk_headers(), "x-should-retry": "false"}
-        return _json_response(402, self.endpoint.error_body(message, kind, str(reason)), headers)
+    async def refuse(self, reason: str, message: str) -> web.Response:
+        await self.record(402, flags=(Flag.REFUSED,), error=str(reason))
+        return _refusal(self.endpoint.provider, reason, message, self.rk_headers())
 
     async def settle(
         self,
@@ -226,11 +265,13 @@ class _Call:
         metered: Metered,
         *,
         billed: bool = True,
+        estimated: bool = False,
         cut: HaltReason | None = None,
         error: str | None = None,
     ) -> Decimal:
         """Charge the call to the run, then record it. Usage the upstream did not report is estimated from
-        the request and the output seen, unless the call cannot have been billed (`billed=False`)."""
+        the request and the output seen (`estimated` says the usage given is itself an estimate), unless
+        the call cannot have been billed (`billed=False`)."""
         flags: list[str] = []
         req = self.req
         if metered.usage is not None:
@@ -239,12 +280,14 @@ class _Call:
             usage = Usage()
         else:
             usage = Usage(input_tokens=req.input_tokens, output_tokens=estimate_tokens(metered.output_chars))
+            estimated = True
+        if estimated:
             flags.append(Flag.ESTIMATED)
         served = metered.model or req.model
         rates = self.rates
         if served != req.model or metered.service_tier != req.service_tier:
             tier = metered.service_tier if metered.service_tier != "default" else None
-            rates = await _rates(self.proxy.prices, served, self.endpoint.provider, tier) or rates
+            rates = await _rates(self.proxy.prices, served, self.endpoint.provider.name, tier) or rates
         if rates is None:
             cost, source = ZERO, None
             flags.append(Flag.UNPRICED)
@@ -255,9 +298,7 @@ class _Call:
             error = f"cut: {cut}"
         elif error is None and metered.error is not None:
             error = f"upstream: {metered.error}"
-        halt = self.run.governor.settle(ticket, cost, usage.total_tokens)
-        if halt is not None:
-            self.run.halted(halt)
+        self.run.settle(ticket, cost, usage.total_tokens)
         await self.record(
             status,
             usage=usage,
@@ -269,6 +310,13 @@ class _Call:
         )
         return cost
 
+    def spent_so_far(self) -> Metered:
+        """For a call that ends abnormally: what its stream used so far, else its reservation, as an estimate."""
+        if self.meter is None:
+            return Metered(usage=self.worst)
+        metered = self.meter.result()
+        return replace(metered, usage=_so_far(metered, self.req))
+
 
 async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     proxy = request.app[PROXY]
@@ -277,13 +325,13 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
         client_body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         message = f"rk: the request body is larger than the {MAX_BODY // 2**20} MiB rk accepts"
-        return _json_response(413, endpoint.error_body(message, "invalid_request_error", "request_too_large"))
+        return _json_response(413, endpoint.error_body(message, ErrorKind.TOO_LARGE, "request_too_large"))
     try:
         req = endpoint.parse(client_body)
     except ValueError as exc:
-        return _json_response(400, endpoint.error_body(str(exc), "invalid_request_error", "invalid_request"))
+        return _json_response(400, endpoint.error_body(str(exc), ErrorKind.INVALID, "invalid_request"))
 
-    rates = await _rates(proxy.prices, req.model, endpoint.provider, req.service_tier)
+    rates = await _rates(proxy.prices, req.model, endpoint.provider.name, req.service_tier)
     call = _Call(proxy, endpoint, request, req, rates)
     governor = run.governor
     run.check_time()
@@ -291,8 +339,7 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
         return await call.refuse(governor.halt_reason, governor.message(governor.halt_reason))
     if rates is None and governor.budget.max_cost is not None and not proxy.allow_unpriced:
         return await call.refuse(Refusal.UNPRICED_MODEL, _unpriced_message(req.model, run.id))
-    output = req.max_output_tokens or OUTPUT_RESERVE
-    worst = Usage(input_tokens=req.input_tokens, output_tokens=output)
+    worst = call.worst
     admitted = governor.admit(Spend(rates.cost(worst) if rates else ZERO, worst.total_tokens, 1))
     if isinstance(admitted, Refused):
         return await call.refuse(admitted.reason, admitted.message)
@@ -300,27 +347,26 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
     run.calls.add(call.live)
     try:
         return await _exchange(call, admitted)
+    except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler), or rk is stopping
+        if not admitted.settled:
+            await call.settle(admitted, 499, call.spent_so_far(), estimated=True, error="client disconnected")
+        raise
     except Exception as exc:  # a bug in rk: the client gets an error in its provider's shape, the call a row
         log.exception("rk: internal error in call %s of run %s", call.seq, run.id)
-        reserved = admitted.reserved
-        governor.settle(admitted, reserved.cost, reserved.tokens)
         error = f"rk internal error: {type(exc).__name__}"
-        await call.record(500, usage=worst, cost=reserved.cost, flags=(Flag.ESTIMATED,), error=error)
-        message = f"{error} (the call was charged its reservation)"
+        if not call.recorded:
+            status = 200 if call.stream is not None else 500
+            await call.settle(admitted, status, call.spent_so_far(), estimated=True, error=error)
+        message = f"{error} (the call was charged what it used, or its reservation)"
         if call.stream is not None:  # the answer has begun: end it with an error event the SDK raises on
             with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
-                await call.stream.write(endpoint.stream_error(message, "server_error", "rk_error"))
+                await call.stream.write(endpoint.stream_error(message, ErrorKind.INTERNAL, "rk_error"))
                 await call.stream.write_eof()
             return call.stream
-        body = endpoint.error_body(message, "server_error", "rk_error")
+        body = endpoint.error_body(message, ErrorKind.INTERNAL, "rk_error")
         return _json_response(500, body, {**call.rk_headers(), "x-should-retry": "false"})
     finally:
         run.calls.discard(call.live)
-        if not admitted.settled:  # cancelled (rk is shutting down): charge and record what the call reserved
-            reserved = admitted.reserved
-            governor.settle(admitted, reserved.cost, reserved.tokens)
-            row = call.row(499, usage=worst, cost=reserved.cost, flags=(Flag.ESTIMATED,), error="cancelled")
-            run.ledger.submit(insert_call(row))  # committed before the ledger closes; nobody waits here
 
 
 def _unpriced_message(model: str, run_id: str) -> str:
@@ -354,12 +400,15 @@ def _client_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> 
 
 
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+# Failures before the request could have reached the provider: such a call cannot have been billed.
+_NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL)
 
 
 async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
     proxy, endpoint, req = call.proxy, call.endpoint, call.req
-    base = proxy.upstreams[endpoint.provider]
-    url = base.rstrip("/") + call.request.raw_path[len("/v1") :]
+    provider = endpoint.provider
+    base = proxy.upstreams[provider.name]
+    url = provider.upstream_url(base, call.request.raw_path)
     session = call.request.app[SESSION]
     try:
         # aiohttp writes a large body in slices, yielding to the loop between them, only from a file object.
@@ -369,12 +418,11 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
             data=data,
             headers=_upstream_headers(call.request.headers),
             allow_redirects=False,
-            proxy=proxy.http_proxies[endpoint.provider],
+            proxy=proxy.http_proxies[provider.name],
         )
     except _UPSTREAM_ERRORS as exc:
-        # A refused connection never reached the provider; a connection lost after sending may have been billed.
-        billed = not isinstance(exc, aiohttp.ClientConnectorError)
-        return await _upstream_failed(call, ticket, f"could not reach {base}: {_describe(exc)}", billed)
+        problem = redact(f"could not reach {base}: {exc or type(exc).__name__}")
+        return await _upstream_failed(call, ticket, problem, billed=not isinstance(exc, _NOT_SENT))
     call.live.upstream = upstream
     try:
         if call.live.cut_reason is not None:  # cut while the request was on its way
@@ -383,25 +431,22 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
         if is_stream:
             return await _relay_stream(call, ticket, upstream)
         return await _relay_whole(call, ticket, upstream)
+    except BaseException:
+        upstream.close()  # whatever went wrong, stop the generation and the billing at once
+        raise
     finally:
         upstream.release()
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return redact(text, 200)
-
-
 async def _upstream_failed(call: _Call, ticket: Ticket, problem: str, billed: bool = True) -> web.Response:
-    """The upstream could not be reached or broke off: 502 in the provider's shape, or 402 if rk cut it."""
+    """The upstream could not be reached or broke off: 502 in the provider's shape, or 402 if rk cut it (and
+    then the call is charged what it reserved: the provider may bill a generation rk did not wait for)."""
     reason = call.live.cut_reason
     if reason is not None:
-        await call.settle(ticket, 402, Metered(), cut=reason)
-        message = call.run.governor.message(reason)
-        headers = {**call.rk_headers(), "x-should-retry": "false"}
-        return _json_response(402, call.endpoint.error_body(message, "budget_exceeded", str(reason)), headers)
+        await call.settle(ticket, 402, Metered(usage=call.worst), estimated=True, cut=reason)
+        return _refusal(call.endpoint.provider, reason, call.run.governor.message(reason), call.rk_headers())
     await call.settle(ticket, 502, Metered(), billed=billed, error=problem)
-    body = call.endpoint.error_body(f"rk: upstream failed — {problem}", "upstream_error", "upstream_unreachable")
+    body = call.endpoint.error_body(f"rk: upstream failed — {problem}", ErrorKind.UPSTREAM, "upstream_unreachable")
     return _json_response(502, body, call.rk_headers())
 
 
@@ -410,7 +455,7 @@ async def _relay_whole(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResp
     try:
         payload = await upstream.read()
     except _UPSTREAM_ERRORS as exc:
-        return await _upstream_failed(call, ticket, f"the response broke off: {_describe(exc)}")
+        return await _upstream_failed(call, ticket, redact(f"the response broke off: {exc or type(exc).__name__}"))
     metered = call.endpoint.meter(payload) if payload else Metered()
     cost = await call.settle(ticket, upstream.status, metered, billed=upstream.status < 400)
     return web.Response(status=upstream.status, body=payload, headers=_client_headers(upstream, call.rk_headers(cost)))
@@ -425,6 +470,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, call.rk_headers()))
     await response.prepare(call.request)
     call.stream = response
+    call.live.streaming = True
 
     async def send(data: bytes) -> None:
         try:
@@ -433,10 +479,8 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
             raise _ClientGone from exc
 
     decoder = SSEDecoder()
-    meter = endpoint.stream_meter(req)
+    meter = call.meter = endpoint.stream_meter(req)
     rates = call.rates
-    input_cost = rates.cost(Usage(input_tokens=req.input_tokens)) if rates else ZERO
-    per_token = rates.output_per_token(req.input_tokens) if rates else ZERO
     held: list[bytes] = []  # the terminal event and anything after it, released once the row is committed
     problem: str | None = None
     client_gone = False
@@ -452,13 +496,13 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
                     out.append(data)
             if out:
                 await send(b"".join(out))
+            if held:
+                continue  # the upstream has finished: nothing more to meter or cut, only the rest to read
             if len(decoder) > MAX_EVENT:
                 problem = f"the stream sent an event larger than {MAX_EVENT // 2**20} MiB"
                 break
-            tokens = estimate_tokens(meter.result().output_chars)
-            halt = run.governor.progress(ticket, input_cost + tokens * per_token, req.input_tokens + tokens)
-            if halt is not None:
-                run.halted(halt)
+            cost, tokens = _running(meter.result(), req, rates)
+            run.progress(ticket, cost, tokens)
             if call.live.cut_reason is not None:
                 break
         else:
@@ -472,22 +516,23 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     except _ClientGone:
         client_gone = True
     except _UPSTREAM_ERRORS as exc:
-        if call.live.cut_reason is None:
-            problem = f"the stream broke off: {_describe(exc)}"
-    cut = call.live.cut_reason
+        if call.live.cut_reason is None and not held:
+            problem = redact(f"the stream broke off: {exc or type(exc).__name__}")
+    cut = call.live.cut_reason if not held else None  # a stream the upstream finished is delivered whole
     if client_gone or problem is not None or cut is not None:
         upstream.close()  # stop the generation, and the billing, at once
-    metered = meter.result()
+    # A stream that ended before its terminal event has not reported its final usage.
+    metered = meter.result() if held else call.spent_so_far()
     if client_gone:
-        await call.settle(ticket, upstream.status, metered, error="client disconnected")
+        await call.settle(ticket, upstream.status, metered, estimated=not held, error="client disconnected")
         return response
-    await call.settle(ticket, upstream.status, metered, cut=cut, error=problem)
+    await call.settle(ticket, upstream.status, metered, estimated=not held, cut=cut, error=problem)
     try:
         if cut is not None:
-            await response.write(endpoint.stream_error(run.governor.message(cut), "budget_exceeded", str(cut)))
+            await response.write(endpoint.stream_error(run.governor.message(cut), ErrorKind.BUDGET, str(cut)))
         elif problem is not None:
             await response.write(
-                endpoint.stream_error(f"rk: upstream failed — {problem}", "upstream_error", "upstream_stream_broken")
+                endpoint.stream_error(f"rk: upstream failed — {problem}", ErrorKind.UPSTREAM, "upstream_stream_broken")
             )
         elif held:
             await response.write(b"".join(held))
@@ -495,3 +540,99 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         pass
     return response
+
+
+def _so_far(metered: Metered, req: Request) -> Usage:
+    """What a stream has used so far: its reported usage where it has any (Anthropic reports the input at
+    the start), with output at least what the text seen amounts to; else the request's estimate."""
+    output = estimate_tokens(metered.output_chars)
+    reported = metered.usage
+    if reported is None:
+        return Usage(input_tokens=req.input_tokens, output_tokens=output)
+    return replace(reported, output_tokens=max(reported.output_tokens, output))
+
+
+def _running(metered: Metered, req: Request, rates: Rates | None) -> tuple[Decimal, int]:
+    usage = _so_far(metered, req)
+    return (rates.cost(usage) if rates else ZERO), usage.total_tokens
+
+
+async def _free(request: web.Request) -> web.StreamResponse:
+    return await _pass_through(request, free=True)
+
+
+async def _unmetered(request: web.Request) -> web.StreamResponse:
+    return await _pass_through(request, free=False)
+
+
+async def _pass_through(request: web.Request, *, free: bool) -> web.StreamResponse:
+    """Forward a call rk does not meter, streamed both ways, and record it as unmetered. A call that is not
+    free is refused while a cost budget is set, unless `--allow-unmetered`: its spend could not count."""
+    proxy = request.app[PROXY]
+    run = proxy.run
+    provider = provider_for(request.path, request.headers)
+    seq = run.next_seq()
+    started, started_at = time.monotonic(), now_iso()
+
+    async def record(status: int, flags: tuple[str, ...], error: str | None = None) -> None:
+        row = CallRecord(
+            run_id=run.id,
+            seq=seq,
+            started_at=started_at,
+            endpoint=request.path,
+            provider=provider.name,
+            requested_model=None,
+            model=None,
+            stream=False,
+            status=status,
+            flags=flags,
+            latency_ms=(time.monotonic() - started) * 1000,
+            error=error,
+        )
+        await run.ledger.commit(insert_call(row))
+
+    governor = run.governor
+    run.check_time()
+    reason: str | None = None
+    message = ""
+    if governor.halt_reason is not None:
+        reason, message = governor.halt_reason, governor.message(governor.halt_reason)
+    elif not free and governor.budget.max_cost is not None and not proxy.allow_unmetered:
+        reason, message = Refusal.UNMETERED_ENDPOINT, _unmetered_message(request, run.id)
+    if reason is not None:
+        await record(402, (Flag.REFUSED,), reason)
+        return _refusal(provider, reason, message, _rk_headers(run, seq))
+
+    url = provider.upstream_url(proxy.upstreams[provider.name], request.raw_path)
+    try:
+        upstream = await request.app[SESSION].request(
+            request.method,
+            url,
+            data=request.content if request.can_read_body else None,
+            headers=_upstream_headers(request.headers),
+            allow_redirects=False,
+            proxy=proxy.http_proxies[provider.name],
+        )
+    except _UPSTREAM_ERRORS as exc:
+        problem = redact(f"could not reach {proxy.upstreams[provider.name]}: {exc or type(exc).__name__}")
+        await record(502, (Flag.UNMETERED,), problem)
+        body = provider.error_body(f"rk: upstream failed — {problem}", ErrorKind.UPSTREAM, "upstream_unreachable")
+        return _json_response(502, body, _rk_headers(run, seq))
+    try:
+        await record(upstream.status, (Flag.UNMETERED,))
+        response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, _rk_headers(run, seq)))
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError, *_UPSTREAM_ERRORS):
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        return response
+    finally:
+        upstream.release()
+
+
+def _unmetered_message(request: web.Request, run_id: str) -> str:
+    return (
+        f"rk: {request.method} {request.path} is not metered by rk, so its cost could not count against the"
+        f" cost budget — let it through with --allow-unmetered (run {run_id[:8]}…)"
+    )

@@ -1,8 +1,12 @@
 """A run as this process serves it: its governor, its live calls, and what happens when it halts.
 
-The governor decides; `LiveRun` carries the consequences out on the event loop: a halt cuts every live
-stream of the run (by closing its upstream response, which wakes the relay at once) and tells whoever
+The governor decides; `LiveRun` carries the consequences out on the event loop: a halt cuts the run's
+live calls (by closing their upstream responses, which wakes their relays at once) and tells whoever
 listens (the runner terminates the child under `--on-halt terminate`).
+
+A budget halt cuts live streams, whose spend is still growing; a whole response already being generated
+is let finish and settle, since the provider bills it whether or not rk waits for it. A kill or the end
+of the time budget cuts everything.
 """
 
 from __future__ import annotations
@@ -10,22 +14,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from decimal import Decimal
 
 import aiohttp
 
-from riskkernel.governor import Governor
+from riskkernel.governor import Governor, Ticket
 from riskkernel.ledger.store import Ledger
 from riskkernel.models import HaltReason, RunRecord
+
+_CUTS_EVERY_CALL = frozenset({HaltReason.KILLED, HaltReason.TIME})
 
 
 class LiveCall:
     """An admitted call in flight; `cut()` ends it from outside its own task."""
 
-    __slots__ = ("cut_reason", "upstream")
+    __slots__ = ("cut_reason", "streaming", "upstream")
 
     def __init__(self) -> None:
         self.cut_reason: HaltReason | None = None
         self.upstream: aiohttp.ClientResponse | None = None
+        self.streaming = False
 
     def cut(self, reason: HaltReason) -> None:
         if self.cut_reason is None:
@@ -64,6 +72,18 @@ class LiveRun:
         if self.governor.halt(reason):
             self.halted(reason)
 
+    def progress(self, ticket: Ticket, cost: Decimal, tokens: int) -> None:
+        """A live stream has cost this much so far; halt the run if that spends a budget."""
+        reason = self.governor.progress(ticket, cost, tokens)
+        if reason is not None:
+            self.halted(reason)
+
+    def settle(self, ticket: Ticket, cost: Decimal, tokens: int) -> None:
+        """Charge a finished call; halt the run if that spends a budget."""
+        reason = self.governor.settle(ticket, cost, tokens)
+        if reason is not None:
+            self.halted(reason)
+
     def check_time(self) -> None:
         if self.governor.check_time(time.monotonic()):
             self.halted(HaltReason.TIME)
@@ -72,6 +92,7 @@ class LiveRun:
         """The governor has just halted the run: cut its streams and tell the listeners."""
         self.stop_clock()
         for call in list(self.calls):
-            call.cut(reason)
+            if call.streaming or reason in _CUTS_EVERY_CALL:
+                call.cut(reason)
         for listener in self.halt_listeners:
             listener(reason)
