@@ -107,10 +107,13 @@ def parse_tags(items: list[str]) -> dict[str, str]:
 
 
 def parse_upstream(url: str | None, what: str = "upstream") -> str | None:
+    """An upstream base URL. It may not carry credentials: rk forwards the client's own."""
     if url is None:
         return None
     if not re.match(r"https?://[^/\s]+", url):
         raise ConfigError(f"{what} {redact(url)!r}: expected an http:// or https:// URL")
+    if re.match(r"\w+://[^/]*@", url):
+        raise ConfigError(f"{what} {redact(url)!r}: credentials in the URL are not supported")
     return url.rstrip("/")
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -41,18 +42,26 @@ async def test_the_runaway_example_is_stopped_at_the_cap_under_mock() -> None:
     assert "budget: cost $0.05" in done.stderr
 
 
-async def test_the_tools_example_runs_under_mock() -> None:
-    done = await rk("run", "--mock", "--", PY, str(ROOT / "examples" / "openai_tools_agent.py"))
+@pytest.mark.parametrize("example", ["openai_tools_agent.py", "anthropic_agent.py", "responses_agent.py"])
+async def test_the_examples_run_under_mock(example: str) -> None:
+    done = await rk("run", "--mock", "--json", "summary.json", "--", PY, str(ROOT / "examples" / example))
     assert done.status == 0, done.stderr + done.stdout.decode()
-    assert done.stdout.decode().startswith("final answer: ")
+    assert done.stdout.decode().strip()
+    summary = json.loads(Path("summary.json").read_text())
+    assert summary["totals"]["calls"] >= 1 and Decimal(summary["totals"]["cost_usd"]) > 0
 
 
 async def test_the_child_gets_the_proxy_in_its_environment(tmp_path: Path, fake: FakeUpstream) -> None:
-    names = "'OPENAI_BASE_URL', 'OPENAI_API_BASE', 'RK_RUN_ID', 'RK_PROXY_URL', 'RK_OPENAI_UPSTREAM'"
-    script = agent_script(tmp_path, f"print(*(os.environ.get(name) for name in ({names})))")
-    done = await rk("run", "--quiet", "--", PY, script, env={"RK_OPENAI_UPSTREAM": fake.url, **key_env()})
-    base, api_base, run_id, proxy_url, inherited = done.stdout.decode().split()
-    assert base == api_base == f"{proxy_url}/v1" and proxy_url.startswith("http://127.0.0.1:")
+    names = "'OPENAI_BASE_URL', 'OPENAI_API_BASE', 'ANTHROPIC_BASE_URL', 'RK_RUN_ID', 'RK_PROXY_URL', 'NO_PROXY'"
+    script = agent_script(
+        tmp_path, f"print(*(os.environ.get(name) for name in ({names})), os.environ.get('RK_OPENAI_UPSTREAM'))"
+    )
+    done = await rk(
+        "run", "--quiet", "--", PY, script, env={"RK_OPENAI_UPSTREAM": fake.url, "NO_PROXY": "corp", **key_env()}
+    )
+    base, api_base, anthropic_base, run_id, proxy_url, no_proxy, inherited = done.stdout.decode().split()
+    assert base == api_base == f"{proxy_url}/v1" and anthropic_base == proxy_url
+    assert proxy_url.startswith("http://127.0.0.1:") and no_proxy == "corp,127.0.0.1,localhost,::1"
     assert len(run_id) == 16 and inherited == "None"
     assert done.stderr == ""
 
@@ -62,6 +71,43 @@ async def test_calls_go_to_the_upstream_the_parent_environment_named(tmp_path: P
     assert done.status == 0, done.stderr
     assert len(fake.requests) == 2
     assert fake.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
+
+
+async def test_anthropic_calls_go_to_the_upstream_the_parent_environment_named(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    body = (
+        "import anthropic\n"
+        "c = anthropic.Anthropic(max_retries=0)\n"
+        "hi = [{'role': 'user', 'content': 'hi'}]\n"
+        "m = c.messages.create(model='claude-sonnet-4-6', max_tokens=50, messages=hi)\n"
+        "print(m.content[0].text)\n"
+    )
+    env = {"ANTHROPIC_BASE_URL": fake.root, "ANTHROPIC_API_KEY": SECRET}
+    done = await rk("run", "--quiet", "--", PY, agent_script(tmp_path, body), env=env)
+    assert done.status == 0, done.stderr
+    assert done.stdout.decode().strip() == "Hello from fake Claude."
+    assert [r.path for r in fake.requests] == ["/v1/messages"]
+
+
+async def test_an_http_proxy_never_takes_the_calls_away_from_rk(tmp_path: Path) -> None:
+    script = agent_script(tmp_path, "print(client.chat.completions.create(model='gpt-4o', messages=[]).model)")
+    done = await rk(
+        "run",
+        "--mock",
+        "--quiet",
+        "--",
+        PY,
+        script,
+        env={"HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
+    )
+    assert done.status == 0, done.stderr + done.stdout.decode()
+    assert done.stdout.decode().strip() == "gpt-4o"
+
+
+async def test_a_bad_upstream_in_the_environment_stops_rk(tmp_path: Path) -> None:
+    done = await rk("run", "--", PY, "-c", "pass", env={"OPENAI_BASE_URL": "localhost:8000"})
+    assert done.status == 125 and "OPENAI_BASE_URL 'localhost:8000'" in done.stderr
 
 
 async def test_stdout_belongs_to_the_child(tmp_path: Path, fake: FakeUpstream) -> None:
@@ -157,6 +203,54 @@ async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeUpstr
     assert "halted: call_budget_exceeded" in done.stderr
 
 
+async def test_terminate_also_stops_what_the_child_started(tmp_path: Path, fake: FakeUpstream) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    script = agent_script(
+        tmp_path,
+        f"""
+import subprocess, signal, time
+grandchild = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+open({str(pid_file)!r}, "w").write(str(grandchild.pid))
+{TWO_CALLS}
+time.sleep(60)
+""",
+    )
+    done = await rk(
+        "run",
+        "--max-calls",
+        "1",
+        "--on-halt",
+        "terminate",
+        "--grace",
+        "1",
+        "--",
+        PY,
+        script,
+        env=key_env(fake),
+        timeout=30,
+    )
+    assert done.status == 3, done.stderr
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        pytest.fail("the grandchild that ignores SIGTERM outlived rk's grace period")
+
+
+async def test_an_unwritable_json_summary_stops_rk_before_the_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    script = agent_script(tmp_path, f"open({str(marker)!r}, 'w').write('ran')")
+    done = await rk("run", "--json", str(tmp_path / "no" / "such" / "dir" / "s.json"), "--", PY, script)
+    assert done.status == 125 and "cannot write there" in done.stderr
+    assert not marker.exists()
+
+
 async def test_the_json_summary_has_the_contract_shape(tmp_path: Path, fake: FakeUpstream) -> None:
     fake.script(Reply(usage=usage(1000, 200, cached=400, reasoning=50)))
     out = tmp_path / "summary.json"
@@ -219,11 +313,14 @@ async def test_the_api_key_never_reaches_the_ledger_or_stderr(tmp_path: Path, fa
     echo = {"error": {"message": f"Incorrect API key provided: {SECRET}.", "type": "invalid_request_error"}}
     fake.script(Reply(), Reply(status=401, body=json.dumps(echo).encode()))
     out = tmp_path / "summary.json"
-    done = await rk("run", "--json", str(out), "--", PY, agent_script(tmp_path, TWO_CALLS), env=key_env(fake))
+    script = agent_script(tmp_path, TWO_CALLS)
+    done = await rk("run", "--json", str(out), "--", PY, script, "--api-key", SECRET, env=key_env(fake))
     assert done.status == 0, done.stderr
     assert "call 1 401" in done.stdout.decode()
     marker = SECRET.split("-")[2]
     home = Path(os.environ["RK_HOME"])
+    listed = await rk("ledger", "list", "--json")
+    assert marker.encode() not in listed.stdout
     for path in [*home.iterdir(), out]:
         assert marker.encode() not in path.read_bytes(), path
     assert marker not in done.stderr

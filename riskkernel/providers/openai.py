@@ -378,12 +378,16 @@ MOCK_WORDS = (
 ).split()
 
 
+_SENTENCE_STARTS = [i for i, word in enumerate(MOCK_WORDS) if i == 0 or MOCK_WORDS[i - 1] == "."]
+
+
 def mock_words(seed: Any, limit: int | None) -> tuple[list[str], bool]:
     """Deterministic reply words for a request's content (one word = one token), and whether the output
     limit cut them short."""
     digest = hashlib.sha256(json.dumps(seed, sort_keys=True, default=str).encode()).digest()
     count = 24 + digest[0] % 40
-    words = [MOCK_WORDS[(digest[1] + i) % len(MOCK_WORDS)] for i in range(count)]
+    start = _SENTENCE_STARTS[digest[1] % len(_SENTENCE_STARTS)]
+    words = [MOCK_WORDS[(start + i) % len(MOCK_WORDS)] for i in range(count)]
     if limit is not None and count > limit:
         return words[:limit], True
     return words, False

@@ -410,6 +410,7 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
     base = proxy.upstreams[provider.name]
     url = provider.upstream_url(base, call.request.raw_path)
     session = call.request.app[SESSION]
+    call.live.connecting = asyncio.current_task()
     try:
         # aiohttp writes a large body in slices, yielding to the loop between them, only from a file object.
         data = req.body if len(req.body) <= 2**20 else io.BytesIO(req.body)
@@ -423,6 +424,13 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
     except _UPSTREAM_ERRORS as exc:
         problem = redact(f"could not reach {base}: {exc or type(exc).__name__}")
         return await _upstream_failed(call, ticket, problem, billed=not isinstance(exc, _NOT_SENT))
+    except asyncio.CancelledError:
+        if call.live.cut_reason is None:
+            raise  # not rk's cut: the client went away, or rk is stopping
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        return await _upstream_failed(call, ticket, "")
+    finally:
+        call.live.connecting = None
     call.live.upstream = upstream
     try:
         if call.live.cut_reason is not None:  # cut while the request was on its way

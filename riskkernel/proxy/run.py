@@ -26,12 +26,14 @@ _CUTS_EVERY_CALL = frozenset({HaltReason.KILLED, HaltReason.TIME})
 
 
 class LiveCall:
-    """An admitted call in flight; `cut()` ends it from outside its own task."""
+    """An admitted call in flight; `cut()` ends it from outside its own task: by closing its upstream
+    response, or, while the request is still on its way there, by cancelling that wait."""
 
-    __slots__ = ("cut_reason", "streaming", "upstream")
+    __slots__ = ("connecting", "cut_reason", "streaming", "upstream")
 
     def __init__(self) -> None:
         self.cut_reason: HaltReason | None = None
+        self.connecting: asyncio.Task[object] | None = None  # the task waiting for the upstream's answer
         self.upstream: aiohttp.ClientResponse | None = None
         self.streaming = False
 
@@ -40,6 +42,8 @@ class LiveCall:
             self.cut_reason = reason
             if self.upstream is not None:
                 self.upstream.close()
+            elif self.connecting is not None:
+                self.connecting.cancel()
 
 
 class LiveRun:
