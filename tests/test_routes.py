@@ -256,3 +256,34 @@ async def test_absurdly_nested_json_is_a_400(fake: FakeUpstream, start_proxy: St
         assert r.status == 400
         assert (await r.json())["error"]["message"] == "rk: the request body is nested too deeply"
     assert fake.requests == []
+
+
+ROUTES = {
+    "chat": lambda c: c.chat.completions.create(model="gpt-4o", messages=MESSAGES),
+    "completions": lambda c: c.completions.create(model="gpt-3.5-turbo-instruct", prompt="x"),
+    "responses": lambda c: c.responses.create(model="o3", input="x"),
+    "embeddings": lambda c: c.embeddings.create(model="text-embedding-3-small", input="x"),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_every_openai_route_refuses_with_an_openai_402_the_sdk_does_not_retry(
+    fake: FakeUpstream, start_proxy: StartProxy, route: str
+) -> None:
+    proxy = await start_proxy(Budget(max_cost=None, max_calls=1))
+    await ROUTES[route](proxy.client)
+    with pytest.raises(openai.APIStatusError) as refused:
+        await ROUTES[route](proxy.new_client(max_retries=3))
+    assert refused.value.status_code == 402 and refused.value.code == "call_budget_exceeded"
+    assert refused.value.type == "budget_exceeded" and refused.value.message.endswith(
+        refused.value.body["message"]  # type: ignore[index]
+    )
+    assert len(fake.requests) == 1
+
+
+async def test_a_whole_legacy_completion_is_byte_for_byte(fake: FakeUpstream, start_proxy: StartProxy) -> None:
+    reply = CompletionReply()
+    fake.script(reply)
+    proxy = await start_proxy()
+    raw = await proxy.client.completions.with_raw_response.create(model="gpt-3.5-turbo-instruct", prompt="Once")
+    assert raw.http_response.content == reply.whole()
