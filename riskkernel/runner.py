@@ -179,6 +179,7 @@ async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settin
 
     loop = asyncio.get_running_loop()
     kill_at: float | None = None  # when the child's group gets SIGKILL, once rk has terminated it
+    killer: asyncio.TimerHandle | None = None
     interrupts = 0
     halted_terminate = False
 
@@ -192,10 +193,11 @@ async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settin
             pass
 
     def terminate() -> None:
-        nonlocal kill_at
+        nonlocal kill_at, killer
         if kill_at is None and proc.returncode is None:
             signal_child(signal.SIGTERM)
             kill_at = loop.time() + settings.grace
+            killer = loop.call_at(kill_at, signal_child, signal.SIGKILL)  # the grace period is over
 
     def on_interrupt() -> None:
         nonlocal interrupts
@@ -219,18 +221,13 @@ async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settin
     live.halt_listeners.append(on_halt)
     live.start_clock()
     try:
-        waiting = asyncio.ensure_future(proc.wait())
-        killed = False
-        while not waiting.done():
-            timeout = None if kill_at is None or killed else max(kill_at - loop.time(), 0)
-            await asyncio.wait({waiting}, timeout=timeout)
-            if not waiting.done():
-                signal_child(signal.SIGKILL)  # the grace period is over
-                killed = True
-        if kill_at is not None and not killed and not interactive:
+        returncode = await proc.wait()
+        if kill_at is not None and not interactive:
             await _reap_group(proc.pid, kill_at, loop)
-        return waiting.result(), halted_terminate
+        return returncode, halted_terminate
     finally:
+        if killer is not None:
+            killer.cancel()
         for sig in (*FORWARDED_SIGNALS, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

@@ -63,8 +63,14 @@ class Scripted:
     body: bytes | None = None  # answer exactly these bytes (as JSON) instead
     endless: bool = False  # after the first events, keep streaming text until the client goes away
     break_after: int | None = None  # close the connection after this many stream events
+    error_after: int | None = None  # after this many stream events, send the provider's error event and end
+    linger: float = 0.0  # after the last event, wait this long before closing the stream
 
     def whole(self) -> bytes:
+        raise NotImplementedError
+
+    def error_event(self) -> bytes:
+        """The provider's mid-stream error: the upstream is overloaded."""
         raise NotImplementedError
 
     def stream_events(self, request: dict[str, Any]) -> list[bytes]:
@@ -105,6 +111,9 @@ class Reply(Scripted):
                 "system_fingerprint": "fp_fake",
             }
         )
+
+    def error_event(self) -> bytes:
+        return sse(None, {"error": {"message": "Overloaded", "type": "server_error", "param": None, "code": None}})
 
     def _chunk(self, delta: dict[str, Any] | None, include_usage: bool, finish: str | None = None) -> bytes:
         chunk: dict[str, Any] = {
@@ -432,6 +441,9 @@ class MessagesReply(Scripted):
     def stream_bytes(self) -> bytes:
         return b"".join(self.stream_events({}))
 
+    def error_event(self) -> bytes:
+        return sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+
     def more(self, request: dict[str, Any]) -> bytes:
         return sse(
             "content_block_delta",
@@ -495,7 +507,9 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(Seen(request.method, request.path_qs, CIMultiDict(request.headers), body))
-        if request.path not in _DEFAULTS:  # a route rk does not meter: say what was asked
+        # Resuming a background response's stream: a route rk does not meter, answered as a stream.
+        resumed = request.path.startswith("/v1/responses/") and request.query.get("stream") == "true"
+        if request.path not in _DEFAULTS and not resumed:  # a route rk does not meter: say what was asked
             answer = {
                 "method": request.method,
                 "path": request.path_qs,
@@ -516,13 +530,13 @@ class FakeUpstream:
                 "has_more": False,
             }
             return web.Response(body=compact(answer), content_type="application/json")
-        reply = self._next(request.path)
+        reply = self._next("/v1/responses" if resumed else request.path)
         if reply.gate is not None:
             await reply.gate.wait()
         if reply.body is not None or reply.status != 200:
             return web.Response(status=reply.status, body=reply.body or b"", content_type="application/json")
-        obj = json.loads(body)
-        if not obj.get("stream"):
+        obj = json.loads(body) if body else {}
+        if not (obj.get("stream") or resumed):
             return web.Response(body=reply.whole(), content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
@@ -536,12 +550,16 @@ class FakeUpstream:
                     assert request.transport is not None
                     request.transport.close()
                     return response
+                if reply.error_after is not None and n == reply.error_after:
+                    await response.write(reply.error_event())
+                    break
                 await response.write(event)
                 if reply.delay:
                     await asyncio.sleep(reply.delay)
             while reply.endless:
                 await response.write(reply.more(obj))
                 await asyncio.sleep(reply.delay or 0.01)
+            await asyncio.sleep(reply.linger)
             await response.write_eof()
         except ConnectionError:
             pass

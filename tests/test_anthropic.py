@@ -249,3 +249,17 @@ async def test_concurrent_streams_share_one_budget(fake: FakeUpstream, start_pro
 
     await asyncio.gather(*(one() for _ in range(5)))
     assert (await proxy.record()).totals.calls == 5
+
+
+async def test_a_mid_stream_error_reaches_the_sdk_and_the_call_is_charged_an_estimate(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    fake.script(MessagesReply(error_after=6))  # after some text: its last usage report never comes
+    proxy = await start_proxy()
+    with pytest.raises(anthropic.APIStatusError, match="Overloaded"):
+        async with proxy.claude.messages.stream(model="claude-sonnet-4-6", max_tokens=100, messages=MESSAGES) as stream:  # type: ignore[arg-type]
+            async for _ in stream:
+                pass
+    (row,) = await proxy.calls()
+    assert row.status == 200 and row.error == "upstream: Overloaded" and Flag.ESTIMATED in row.flags
+    assert row.usage.input_tokens == 100 and row.usage.output_tokens > 1 and row.cost > 0

@@ -182,3 +182,24 @@ async def test_a_zero_cost_budget_refuses_paid_calls(fake: FakeUpstream, start_p
     with pytest.raises(openai.APIStatusError, match=r"the cost budget is \$0"):
         await call(proxy.client)
     assert fake.requests == []
+
+
+async def test_a_stream_that_begins_after_the_cap_is_spent_is_cut_at_once(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    gate = asyncio.Event()
+    fake.script(Reply(gate=gate, endless=True, delay=0.01), Reply(usage=usage(1_000_000, 0)))  # $2.50: over the cap
+    proxy = await start_proxy(Budget(max_cost=D("1.00")))
+    stream = asyncio.create_task(
+        proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, max_tokens=100)
+    )
+    while not fake.requests:
+        await asyncio.sleep(0.01)
+    await call(proxy.client)  # spends the budget while the stream still waits for its first byte
+    assert proxy.live.governor.halt_reason == HaltReason.COST
+    gate.set()
+    with pytest.raises(openai.APIError, match="rk: cost budget exceeded"):
+        async for _ in await stream:
+            pass
+    first, _ = await proxy.calls()
+    assert Flag.CUT in first.flags and first.error == "cut: cost_budget_exceeded"

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from riskkernel.models import Usage
-from riskkernel.providers import ErrorKind
+from riskkernel.providers import ErrorKind, Position
 from riskkernel.providers import openai as oa
 from riskkernel.providers.sse import SSEDecoder
 from tests.fakes import Reply, compact, usage
@@ -128,7 +128,7 @@ def test_stream_metering_under_arbitrary_chunking(cuts: list[int]) -> None:
 def test_done_is_the_terminal_event() -> None:
     meter = oa.ChatStream(oa.Request("m", True, b"{}", 1, None))
     (done,) = SSEDecoder().feed(b"data: [DONE]\n\n")
-    assert meter.feed(done) == (b"data: [DONE]\n\n", True)
+    assert meter.feed(done) == (b"data: [DONE]\n\n", Position.LAST)
 
 
 def test_null_usage_is_cut_only_when_it_is_unambiguous() -> None:
@@ -144,7 +144,7 @@ def test_null_usage_is_cut_only_when_it_is_unambiguous() -> None:
 def test_mid_stream_error_events_end_the_stream_and_are_recorded() -> None:
     meter = oa.ChatStream(oa.Request("m", True, b"{}", 1, None))
     (event,) = SSEDecoder().feed(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
-    assert meter.feed(event) == (event.raw, True)  # the SDK raises on it: it is held until the row is in
+    assert meter.feed(event) == (event.raw, Position.LAST)  # the SDK raises on it: it is held until the row is in
     assert meter.result().error == "overloaded"
 
 
@@ -170,3 +170,13 @@ def test_mock_replies_are_deterministic_and_honour_the_output_limit() -> None:
     assert whole["usage"]["completion_tokens"] == 5 and whole["choices"][0]["finish_reason"] == "length"
     shown, metered = replay(b"".join(first[1]), [], hide_usage=True)
     assert b'"usage"' not in shown and metered.usage is not None and metered.usage.output_tokens == 5
+
+
+def test_the_usage_chunk_ends_generation_and_a_null_error_does_not_end_the_stream() -> None:
+    meter = oa.ChatStream(oa.Request("m", True, b"{}", 1, None, hide_usage=True))
+    events = SSEDecoder().feed(
+        b'data: {"choices": [{"delta": {"content": "x"}}], "error": null}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
+    )
+    assert [meter.feed(event)[1] for event in events] == [Position.MORE, Position.OVER]
+    assert meter.result().error is None

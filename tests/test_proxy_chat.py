@@ -322,3 +322,29 @@ async def test_the_served_model_is_priced_when_it_differs(fake: FakeUpstream, st
     (row,) = await proxy.calls()
     assert row.model == "gpt-4o-mini-2024-07-18" and row.cost == Decimal("0.15")
     assert json.loads(fake.requests[0].body)["model"] == "my-alias"
+
+
+async def test_a_mid_stream_error_reaches_the_sdk_and_the_call_is_charged_an_estimate(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    fake.script(Reply(error_after=4))
+    proxy = await start_proxy()
+    stream = await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError, match="Overloaded"):
+        async for _ in stream:
+            pass
+    (row,) = await proxy.calls()
+    assert row.status == 200 and row.error == "upstream: Overloaded" and Flag.ESTIMATED in row.flags
+    assert row.usage.output_tokens > 0 and row.cost > 0
+
+
+async def test_an_upstream_that_idles_after_its_last_event_does_not_hold_the_client(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    fake.script(Reply(linger=60))  # sends [DONE], then keeps the connection open
+    proxy = await start_proxy()
+    stream = await proxy.client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == Reply().text
+    (row,) = await proxy.calls()
+    assert row.flags == () and row.usage.output_tokens == 20

@@ -169,3 +169,37 @@ def test_the_request_estimate_reads_input_instructions_and_tools() -> None:
     }
     req = oa.parse_responses(json.dumps(body).encode())
     assert 200 <= req.input_tokens < 230 and req.max_output_tokens == 77
+
+
+async def test_a_background_response_is_refused_under_a_cost_budget(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(Budget(max_cost=D(10)))
+    with pytest.raises(openai.APIStatusError) as refused:
+        await proxy.client.responses.create(model="o3", input=INPUT, background=True)
+    assert refused.value.status_code == 402 and refused.value.code == "unmetered_endpoint"
+    assert "--allow-unmetered" in refused.value.message
+    assert fake.requests == []
+    (row,) = await proxy.calls()
+    assert row.flags == (Flag.REFUSED,) and row.error == "unmetered_endpoint"
+
+
+async def test_an_allowed_background_response_is_charged_its_reservation(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    queued = ResponsesReply(usage=None, text=None)  # what a background create answers: no output, no usage
+    fake.script(queued, ResponsesReply(model="gpt-4o", break_after=7))
+    proxy = await start_proxy(Budget(max_cost=D(10)), allow_unmetered=True)
+    response = await proxy.client.responses.create(model="o3", input=INPUT, background=True, max_output_tokens=500)
+    assert response.id == "resp_fake1"
+    stream = await proxy.client.responses.create(
+        model="gpt-4o", input=INPUT, background=True, stream=True, max_output_tokens=700
+    )
+    with pytest.raises(openai.APIError, match="the stream broke off"):
+        async for _ in stream:
+            pass
+    # Neither answer says what the generation, still running at the provider, will use: both are charged
+    # the most they may use, not the little seen so far.
+    rows = await proxy.calls()
+    assert [(Flag.ESTIMATED in r.flags, r.usage.output_tokens) for r in rows] == [(True, 500), (True, 700)]
+    assert all(r.cost > 0 for r in rows)

@@ -15,7 +15,7 @@ import pytest
 from riskkernel.models import Budget, Flag, HaltReason, Usage
 from riskkernel.providers import openai as oa
 from tests.conftest import SECRET, StartProxy
-from tests.fakes import CompletionReply, EmbeddingReply, FakeUpstream, Reply, usage
+from tests.fakes import CompletionReply, EmbeddingReply, FakeUpstream, Reply, ResponsesReply, usage
 
 D = Decimal
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -116,6 +116,7 @@ async def test_other_calls_are_refused_under_a_cost_budget_unless_allowed(
         await proxy.client.files.create(file=upload["file"], purpose="batch")
         (seen,) = fake.requests
         assert seen.method == "POST" and seen.path == "/v1/files" and b"notes.jsonl" in seen.body
+        assert seen.headers["Content-Length"] == str(len(seen.body)) and "Transfer-Encoding" not in seen.headers
         (row,) = await proxy.calls()
         assert row.flags == ("unmetered",) and row.status == 200
         return
@@ -228,6 +229,43 @@ async def test_a_kill_cuts_whole_responses_in_flight_and_charges_their_reservati
     (row,) = await proxy.calls()
     assert row.status == 402 and {Flag.CUT, Flag.ESTIMATED} <= set(row.flags)
     assert row.usage.output_tokens == 1_000  # what it reserved: the provider may bill what rk did not wait for
+
+
+async def test_a_kill_cuts_a_forwarded_stream_and_records_the_cut(fake: FakeUpstream, start_proxy: StartProxy) -> None:
+    fake.script(ResponsesReply(model="gpt-4o", endless=True, delay=0.01))
+    proxy = await start_proxy(Budget(max_cost=D(1)), allow_unmetered=True)
+    stream = await proxy.client.responses.retrieve("resp_fake1", stream=True)  # resuming a background response
+    events = 0
+    with pytest.raises(openai.APIConnectionError):  # not a clean end: the client knows it did not get it all
+        async for _ in stream:
+            events += 1
+            if events == 5:
+                proxy.live.halt(HaltReason.KILLED)
+    assert fake.requests[0].method == "GET" and fake.requests[0].path == "/v1/responses/resp_fake1?stream=true"
+    (row,) = await proxy.calls()
+    assert (row.status, row.flags, row.error) == (200, ("unmetered",), "cut: killed")
+    for _ in range(100):
+        if fake.streams_open == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.streams_open == 0
+
+
+async def test_a_client_that_gives_up_on_a_forwarded_call_leaves_a_row(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    gate = asyncio.Event()  # never set: the upstream never answers
+    fake.script(ResponsesReply(gate=gate))
+    proxy = await start_proxy()
+    with pytest.raises(openai.APITimeoutError):
+        await proxy.new_client(timeout=0.5, max_retries=0).responses.retrieve("resp_fake1", stream=True)
+    for _ in range(100):
+        if proxy.live.calls == set():
+            break
+        await asyncio.sleep(0.02)
+    (row,) = await proxy.calls()
+    assert (row.status, row.flags, row.error) == (499, ("unmetered",), "client disconnected")
+    gate.set()
 
 
 async def test_secrets_in_an_upstream_url_never_reach_the_ledger_or_the_client(start_proxy: StartProxy) -> None:

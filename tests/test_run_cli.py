@@ -203,6 +203,30 @@ async def test_on_halt_terminate_stops_the_child(tmp_path: Path, fake: FakeUpstr
     assert "halted: call_budget_exceeded" in done.stderr
 
 
+async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    script = agent_script(
+        tmp_path, "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + TWO_CALLS + "time.sleep(120)"
+    )
+    done = await rk(
+        "run",
+        "--max-calls",
+        "1",
+        "--on-halt",
+        "terminate",
+        "--grace",
+        "1",
+        "--",
+        PY,
+        script,
+        env=key_env(fake),
+        timeout=30,
+    )  # without the SIGKILL, the child would sleep on past the timeout
+    assert done.status == 3, done.stderr
+    assert "halted: call_budget_exceeded" in done.stderr
+
+
 async def test_terminate_also_stops_what_the_child_started(tmp_path: Path, fake: FakeUpstream) -> None:
     pid_file = tmp_path / "grandchild.pid"
     script = agent_script(

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any, Protocol
 
 from riskkernel.models import Usage
@@ -36,6 +36,9 @@ class Request:
     service_tier: str | None = None
     hide_usage: bool = False  # rk asked the upstream for stream usage the client did not ask for
     choices: int = 1  # how many completions the request asks for (`n`): each may use the output limit
+    # The generation runs on at the provider whatever becomes of this connection (Responses' background
+    # mode): rk can neither meter its end nor stop it by cutting the connection.
+    detached: bool = False
 
 
 @dataclass(slots=True)
@@ -49,9 +52,18 @@ class Metered:
     error: str | None = None  # an error the upstream reported inside a 200 stream
 
 
+class Position(IntEnum):
+    """Where an event leaves a stream, for rk's purposes."""
+
+    MORE = 0  # generation goes on
+    OVER = 1  # generation is over and its usage final (chat's usage chunk, Anthropic's last message_delta);
+    #           only the protocol's closing event is still to come: nothing to cut any more
+    LAST = 2  # the protocol's last event ([DONE], message_stop, a response.* end, an error): stop reading
+
+
 class StreamMeter(Protocol):
-    def feed(self, event: Event) -> tuple[bytes, bool]:
-        """The bytes the client should see for this event, and whether it ends the stream."""
+    def feed(self, event: Event) -> tuple[bytes, Position]:
+        """The bytes the client should see for this event, and where it leaves the stream."""
         ...
 
     def result(self) -> Metered: ...

@@ -22,6 +22,7 @@ from riskkernel.providers import (
     Endpoint,
     ErrorKind,
     Metered,
+    Position,
     Provider,
     Request,
     estimate_input_tokens,
@@ -146,9 +147,9 @@ class MessagesStream:
         self.metered = Metered()
         self.usage: dict[str, Any] | None = None  # the raw usage fields reported so far, latest value of each
 
-    def feed(self, event: Event) -> tuple[bytes, bool]:
+    def feed(self, event: Event) -> tuple[bytes, Position]:
         if event.data is None:
-            return event.raw, False
+            return event.raw, Position.MORE
         obj = _load(event.data)
         kind = obj.get("type") or event.event
         if kind == "content_block_delta":
@@ -165,10 +166,11 @@ class MessagesStream:
             self._merge(obj.get("usage"))
             delta = obj.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason"):  # the last usage report: generation is over
-                return event.raw, True
+                return event.raw, Position.OVER
         elif kind == "error":
             self.metered.error = _error_message(obj) or "error event"
-        return event.raw, kind in ("message_stop", "error")
+            return event.raw, Position.LAST
+        return event.raw, Position.LAST if kind == "message_stop" else Position.MORE
 
     def _merge(self, usage: Any) -> None:
         if isinstance(usage, dict):

@@ -27,6 +27,7 @@ from riskkernel.providers import (
     Endpoint,
     ErrorKind,
     Metered,
+    Position,
     Provider,
     Request,
     estimate_input_tokens,
@@ -150,6 +151,7 @@ def parse_responses(body: bytes) -> Request:
         input_tokens=_estimate(obj, "input", "instructions", "tools"),
         max_output_tokens=positive_int(obj.get("max_output_tokens")) or None,
         service_tier=_tier(obj),
+        detached=bool(obj.get("background")),
     )
 
 
@@ -303,15 +305,15 @@ class ChatStream:
         self.hide_usage = request.hide_usage
         self.metered = Metered()
 
-    def feed(self, event: Event) -> tuple[bytes, bool]:
+    def feed(self, event: Event) -> tuple[bytes, Position]:
         data = event.data
         if data is None:
-            return event.raw, False
+            return event.raw, Position.MORE
         if data == "[DONE]":
-            return event.raw, True
+            return event.raw, Position.LAST
         obj = _load(data) if data.startswith("{") else {}
         if not obj:
-            return event.raw, False
+            return event.raw, Position.MORE
         m = self.metered
         if m.model is None:
             m.model = _str(obj, "model")
@@ -323,17 +325,17 @@ class ChatStream:
             if isinstance(usage, dict):
                 m.usage = chat_usage(usage)
                 if not choices:  # the usage-only chunk: generation is over, only [DONE] follows
-                    return (b"" if self.hide_usage else raw), True
+                    return (b"" if self.hide_usage else raw), Position.OVER
             elif usage is None and self.hide_usage:
                 stripped, n = _NULL_USAGE.subn(b"", raw)
                 if n == 1:
                     raw = stripped
         if isinstance(choices, list):
             m.output_chars += sum(_choice_chars(choice) for choice in choices)
-        if "error" in obj:  # the SDK raises on it at once: it ends the stream as the client sees it
+        if obj.get("error"):  # the SDK raises on it at once: it ends the stream as the client sees it
             m.error = _error_message(obj["error"])
-            return raw, True
-        return raw, False
+            return raw, Position.LAST
+        return raw, Position.MORE
 
     def result(self) -> Metered:
         return self.metered
@@ -348,22 +350,22 @@ class ResponsesStream:
     def __init__(self, request: Request) -> None:
         self.metered = Metered()
 
-    def feed(self, event: Event) -> tuple[bytes, bool]:
+    def feed(self, event: Event) -> tuple[bytes, Position]:
         if event.data is None:
-            return event.raw, False
+            return event.raw, Position.MORE
         obj = _load(event.data)
         kind = obj.get("type") or event.event
         if kind in _RESPONSE_ENDS or kind == "response.created":
             response = obj.get("response")
             if isinstance(response, dict):
                 _meter_response(response, self.metered)
-            return event.raw, kind in _RESPONSE_ENDS
+            return event.raw, Position.LAST if kind in _RESPONSE_ENDS else Position.MORE
         if isinstance(kind, str) and kind.endswith(".delta"):
             self.metered.output_chars += text_len(obj.get("delta"))
         elif kind == "error":
             self.metered.error = str(obj.get("message") or _error_message(obj.get("error")) or "error event")
-            return event.raw, True
-        return event.raw, False
+            return event.raw, Position.LAST
+        return event.raw, Position.MORE
 
     def result(self) -> Metered:
         return self.metered

@@ -40,6 +40,7 @@ from riskkernel.providers import (
     Endpoint,
     ErrorKind,
     Metered,
+    Position,
     Provider,
     Request,
     StreamMeter,
@@ -59,6 +60,7 @@ CONNECT_TIMEOUT = 30.0
 # Longest silence from an upstream before rk gives up on it: the SDKs' own default timeout is 10 minutes,
 # and a long generation sends nothing until it is done, so this never cuts a call a client still waits for.
 READ_TIMEOUT = 900.0
+LINGER = 1.0  # how long to wait, after a stream's last event, for its upstream to close it
 
 _HOP_BY_HOP = frozenset(
     {
@@ -311,8 +313,9 @@ class _Call:
         return cost
 
     def spent_so_far(self) -> Metered:
-        """For a call that ends abnormally: what its stream used so far, else its reservation, as an estimate."""
-        if self.meter is None:
+        """For a call that ends abnormally: what its stream used so far, else its reservation, as an estimate.
+        A detached generation goes on after its stream ends: it is charged its reservation."""
+        if self.meter is None or self.req.detached:
             return Metered(usage=self.worst)
         metered = self.meter.result()
         return replace(metered, usage=_so_far(metered, self.req))
@@ -339,6 +342,8 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
         return await call.refuse(governor.halt_reason, governor.message(governor.halt_reason))
     if rates is None and governor.budget.max_cost is not None and not proxy.allow_unpriced:
         return await call.refuse(Refusal.UNPRICED_MODEL, _unpriced_message(req.model, run.id))
+    if req.detached and governor.budget.max_cost is not None and not proxy.allow_unmetered:
+        return await call.refuse(Refusal.UNMETERED_ENDPOINT, _detached_message(run.id))
     worst = call.worst
     admitted = governor.admit(Spend(rates.cost(worst) if rates else ZERO, worst.total_tokens, 1))
     if isinstance(admitted, Refused):
@@ -367,6 +372,13 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
         return _json_response(500, body, {**call.rk_headers(), "x-should-retry": "false"})
     finally:
         run.calls.discard(call.live)
+
+
+def _detached_message(run_id: str) -> str:
+    return (
+        "rk: a background response runs on at the provider after rk has answered or cut it, so its cost could"
+        f" not count against the cost budget — let it through with --allow-unmetered (run {run_id[:8]}…)"
+    )
 
 
 def _unpriced_message(model: str, run_id: str) -> str:
@@ -410,17 +422,17 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
     base = proxy.upstreams[provider.name]
     url = provider.upstream_url(base, call.request.raw_path)
     session = call.request.app[SESSION]
-    call.live.connecting = asyncio.current_task()
+    # aiohttp writes a large body in slices, yielding to the loop between them, only from a file object.
+    data = req.body if len(req.body) <= 2**20 else io.BytesIO(req.body)
+    headers = _upstream_headers(call.request.headers)
     try:
-        # aiohttp writes a large body in slices, yielding to the loop between them, only from a file object.
-        data = req.body if len(req.body) <= 2**20 else io.BytesIO(req.body)
-        upstream = await session.post(
-            url,
-            data=data,
-            headers=_upstream_headers(call.request.headers),
-            allow_redirects=False,
-            proxy=proxy.http_proxies[provider.name],
-        )
+        call.live.connecting = asyncio.current_task()
+        try:
+            upstream = await session.post(
+                url, data=data, headers=headers, allow_redirects=False, proxy=proxy.http_proxies[provider.name]
+            )
+        finally:
+            call.live.connecting = None  # from here on, a cut closes the upstream response instead
     except _UPSTREAM_ERRORS as exc:
         problem = redact(f"could not reach {base}: {exc or type(exc).__name__}")
         return await _upstream_failed(call, ticket, problem, billed=not isinstance(exc, _NOT_SENT))
@@ -429,8 +441,6 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
             raise  # not rk's cut: the client went away, or rk is stopping
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
         return await _upstream_failed(call, ticket, "")
-    finally:
-        call.live.connecting = None
     call.live.upstream = upstream
     try:
         if call.live.cut_reason is not None:  # cut while the request was on its way
@@ -465,7 +475,12 @@ async def _relay_whole(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResp
     except _UPSTREAM_ERRORS as exc:
         return await _upstream_failed(call, ticket, redact(f"the response broke off: {exc or type(exc).__name__}"))
     metered = call.endpoint.meter(payload) if payload else Metered()
-    cost = await call.settle(ticket, upstream.status, metered, billed=upstream.status < 400)
+    estimated = False
+    if call.req.detached and metered.usage is None and upstream.status < 400:
+        # Queued, not done: the answer has no usage yet, and rk will not see it when it has. Charge the
+        # reservation; the generation's real cost is only in the provider's bill.
+        metered, estimated = replace(metered, usage=call.worst), True
+    cost = await call.settle(ticket, upstream.status, metered, billed=upstream.status < 400, estimated=estimated)
     return web.Response(status=upstream.status, body=payload, headers=_client_headers(upstream, call.rk_headers(cost)))
 
 
@@ -479,6 +494,8 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     await response.prepare(call.request)
     call.stream = response
     call.live.streaming = True
+    if run.governor.halt_reason is not None:  # the run halted while this call waited for its answer to begin
+        call.live.cut(run.governor.halt_reason)
 
     async def send(data: bytes) -> None:
         try:
@@ -488,8 +505,9 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
 
     decoder = SSEDecoder()
     meter = call.meter = endpoint.stream_meter(req)
-    rates = call.rates
-    held: list[bytes] = []  # the terminal event and anything after it, released once the row is committed
+    held: list[bytes] = []  # from the end of generation on, released once the call's row is committed
+    held_size = 0
+    last = False  # the protocol's last event has come: nothing more to read
     problem: str | None = None
     client_gone = False
     try:
@@ -497,26 +515,31 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
             call.mark_first_byte()
             out = []
             for event in decoder.feed(chunk):
-                data, terminal = meter.feed(event)
-                if terminal or held:
-                    held.append(data)
-                elif data:
-                    out.append(data)
+                data, position = meter.feed(event)
+                if position is Position.MORE and not held:
+                    if data:
+                        out.append(data)
+                    continue
+                held.append(data)
+                held_size += len(data)
+                last = last or position is Position.LAST
             if out:
                 await send(b"".join(out))
-            if held:
-                continue  # the upstream has finished: nothing more to meter or cut, only the rest to read
-            if len(decoder) > MAX_EVENT:
-                problem = f"the stream sent an event larger than {MAX_EVENT // 2**20} MiB"
+            if len(decoder) + held_size > MAX_EVENT:
+                problem = f"the stream sent more than {MAX_EVENT // 2**20} MiB in one event"
                 break
-            cost, tokens = _running(meter.result(), req, rates)
+            if last:
+                break  # do not wait for the upstream to close: the client has all there is
+            if held:
+                continue  # generation is over: nothing more to meter or cut
+            cost, tokens = _running(meter.result(), req, call.rates)
             run.progress(ticket, cost, tokens)
             if call.live.cut_reason is not None:
                 break
         else:
-            tail, last = decoder.flush()
-            if last is not None:
-                meter.feed(last)
+            tail, final = decoder.flush()
+            if final is not None:
+                meter.feed(final)
             if tail and held:
                 held.append(tail)
             elif tail:
@@ -527,14 +550,16 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
         if call.live.cut_reason is None and not held:
             problem = redact(f"the stream broke off: {exc or type(exc).__name__}")
     cut = call.live.cut_reason if not held else None  # a stream the upstream finished is delivered whole
-    if client_gone or problem is not None or cut is not None:
+    if not (last or upstream.content.at_eof()):
         upstream.close()  # stop the generation, and the billing, at once
-    # A stream that ended before its terminal event has not reported its final usage.
-    metered = meter.result() if held else call.spent_so_far()
+    metered = meter.result()
+    finished = held and metered.error is None  # its usage is final; else, what it used so far, estimated
+    if not finished:
+        metered = call.spent_so_far()
     if client_gone:
-        await call.settle(ticket, upstream.status, metered, estimated=not held, error="client disconnected")
+        await call.settle(ticket, upstream.status, metered, estimated=not finished, error="client disconnected")
         return response
-    await call.settle(ticket, upstream.status, metered, estimated=not held, cut=cut, error=problem)
+    await call.settle(ticket, upstream.status, metered, estimated=not finished, cut=cut, error=problem)
     try:
         if cut is not None:
             await response.write(endpoint.stream_error(run.governor.message(cut), ErrorKind.BUDGET, str(cut)))
@@ -547,6 +572,11 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         pass
+    if last and not upstream.content.at_eof():
+        # The client has it all. Read the upstream's close (normally already here) so that its connection
+        # can serve the next call, but give up on one that lingers after its last event.
+        with contextlib.suppress(asyncio.TimeoutError, *_UPSTREAM_ERRORS):
+            await asyncio.wait_for(upstream.content.read(), LINGER)
     return response
 
 
@@ -612,31 +642,68 @@ async def _pass_through(request: web.Request, *, free: bool) -> web.StreamRespon
         return _refusal(provider, reason, message, _rk_headers(run, seq))
 
     url = provider.upstream_url(proxy.upstreams[provider.name], request.raw_path)
+    headers = _upstream_headers(request.headers)
+    if request.content_length is not None:  # sent as the client sent it, not re-chunked
+        headers["Content-Length"] = str(request.content_length)
+    live = LiveCall()  # a kill or the end of the time budget cuts it too
+    run.calls.add(live)
+    status: int = 499
+    error: str | None = "client disconnected"  # unless it gets further
     try:
-        upstream = await request.app[SESSION].request(
-            request.method,
-            url,
-            data=request.content if request.can_read_body else None,
-            headers=_upstream_headers(request.headers),
-            allow_redirects=False,
-            proxy=proxy.http_proxies[provider.name],
-        )
-    except _UPSTREAM_ERRORS as exc:
-        problem = redact(f"could not reach {proxy.upstreams[provider.name]}: {exc or type(exc).__name__}")
-        await record(502, (Flag.UNMETERED,), problem)
-        body = provider.error_body(f"rk: upstream failed — {problem}", ErrorKind.UPSTREAM, "upstream_unreachable")
-        return _json_response(502, body, _rk_headers(run, seq))
-    try:
-        await record(upstream.status, (Flag.UNMETERED,))
-        response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, _rk_headers(run, seq)))
-        await response.prepare(request)
-        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError, *_UPSTREAM_ERRORS):
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-        return response
+        try:
+            live.connecting = asyncio.current_task()
+            try:
+                upstream = await request.app[SESSION].request(
+                    request.method,
+                    url,
+                    data=request.content if request.can_read_body else None,
+                    headers=headers,
+                    allow_redirects=False,
+                    proxy=proxy.http_proxies[provider.name],
+                )
+            finally:
+                live.connecting = None
+        except _UPSTREAM_ERRORS as exc:
+            status = 502
+            error = redact(f"could not reach {proxy.upstreams[provider.name]}: {exc or type(exc).__name__}")
+            body = provider.error_body(f"rk: upstream failed — {error}", ErrorKind.UPSTREAM, "upstream_unreachable")
+            return _json_response(502, body, _rk_headers(run, seq))
+        except asyncio.CancelledError:
+            if live.cut_reason is None:
+                raise  # the client went away, or rk is stopping
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            status, error = 402, f"cut: {live.cut_reason}"
+            return _refusal(provider, live.cut_reason, governor.message(live.cut_reason), _rk_headers(run, seq))
+        live.upstream = upstream
+        try:
+            status, error = upstream.status, None
+            headers = _client_headers(upstream, _rk_headers(run, seq))
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (ConnectionError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as exc:
+                error = "client disconnected"
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            except _UPSTREAM_ERRORS as exc:
+                error = redact(f"the body broke off: {exc or type(exc).__name__}")
+            if live.cut_reason is not None:
+                error = f"cut: {live.cut_reason}"
+            if error is None:
+                with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                    await response.write_eof()
+            elif request.transport is not None:
+                request.transport.abort()  # so that the client sees the body is incomplete
+            return response
+        finally:
+            if error is not None:
+                upstream.close()  # stop the upstream at once
+            upstream.release()
     finally:
-        upstream.release()
+        run.calls.discard(live)
+        await record(status, (Flag.UNMETERED,), error)
 
 
 def _unmetered_message(request: web.Request, run_id: str) -> str:
