@@ -2,7 +2,9 @@
 
 Precedence is flag > environment > config file > built-in default. Click keeps that order for us: the
 config file becomes the command's `default_map`, which click consults after the command line and the
-environment and before the option's own default, and it remembers where each value came from.
+environment and before the option's own default, and it remembers where each value came from (which
+`rk config show` reports). A setting is replaced whole: `--tag` on the command line replaces the file's
+`[tags]`, it does not add to them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ ENV = {
     "allow_unpriced": "RK_ALLOW_UNPRICED",
     "allow_unmetered": "RK_ALLOW_UNMETERED",
     "price": "RK_PRICE",
+    "prices_file": "RK_PRICES",
     "name": "RK_NAME",
     "tag": "RK_TAG",
     "quiet": "RK_QUIET",
 }
+# Settings a config file holds as a table (`[tags]`, `[prices]`) rather than as a list of flag values.
+TABLES = {"tag": "tags", "price": "prices"}
+# The settings `rk prices` takes too, so that it prices a model exactly as `rk run` would.
+PRICE_SETTINGS = ("price", "prices_file")
 # Variables that would make a nested `rk run` bypass the outer one; never passed to a child.
 NOT_INHERITED = ("RK_OPENAI_UPSTREAM", "RK_ANTHROPIC_UPSTREAM", "RK_MOCK")
 
@@ -127,24 +134,31 @@ def parse_budget(max_cost: str, max_tokens: str, max_calls: str, max_time: str) 
 
 
 def load_file(path: Path) -> dict[str, Any]:
-    """A config file as a click default map for the commands that take these settings. Strict."""
+    """A config file as a click default map for the commands that take these settings. Strict.
+
+    A relative `prices_file` is relative to the config file's directory, not to wherever rk was started."""
     import tomllib
 
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    tables = {table: setting for setting, table in TABLES.items()}
     settings: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "tags" and isinstance(value, dict):
-            settings["tag"] = [f"{k}={v}" for k, v in value.items()]
-        elif key == "prices" and isinstance(value, dict):
-            settings["price"] = [f"{model}={spec}" for model, spec in value.items()]
-        elif key in ENV and key not in ("tag", "price"):
+        if key in tables:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key} must be a table, like [{key}] with one KEY = VALUE line each")
+            settings[tables[key]] = [f"{k}={v}" for k, v in value.items()]
+        elif key == "prices_file":
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{path}: prices_file must be a path (a string)")
+            settings[key] = str(path.absolute().parent / Path(value).expanduser())
+        elif key in ENV and key not in TABLES:
             if not isinstance(value, str | int | float | bool):
                 raise ConfigError(f"{path}: {key} must be a string, number or boolean")
             settings[key] = value if isinstance(value, bool) else str(value)
         else:
-            known = ", ".join(sorted([k for k in ENV if k not in ("tag", "price")] + ["tags", "prices"]))
+            known = ", ".join(sorted([k for k in ENV if k not in TABLES] + list(tables)))
             raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
-    return {"run": settings}
+    return {"run": settings, "prices": {k: v for k, v in settings.items() if k in PRICE_SETTINGS}}

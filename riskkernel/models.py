@@ -152,6 +152,7 @@ class CallRecord:
     latency_ms: float = 0.0
     ttfb_ms: float | None = None  # first byte from the upstream
     error: str | None = None  # refusal or halt reason, cut reason, or the upstream's error, one line
+    cache_savings: Decimal = Decimal(0)  # what its cache reads saved over the plain input rate
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -165,6 +166,7 @@ class CallRecord:
             "status": self.status,
             **{name: getattr(self.usage, name) for name in CALL_USAGE_COLUMNS},
             "cost_usd": usd(self.cost),
+            "cache_savings_usd": usd(self.cache_savings),
             "price_source": self.price_source,
             "flags": list(self.flags),
             "latency_ms": round(self.latency_ms, 1),

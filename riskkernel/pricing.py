@@ -13,6 +13,9 @@ rules, which the tests check against `genai_prices.calc_price`:
 Model names are matched as served: case-insensitive, `openai/` and `anthropic/` prefixes stripped, dated
 snapshots (`gpt-4o-2024-08-06`) resolved by genai-prices, and by the overrides too. An unknown model is
 `None`, never a silent zero.
+
+User overrides come from `--price MODEL=IN:OUT[:CACHED_IN]` and from a prices file (`prices.toml`), read
+strictly: pricing is money, so a typo stops rk rather than pricing a model at $0.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
 
 from riskkernel.errors import ConfigError
 from riskkernel.models import PICO, Usage
@@ -111,8 +116,38 @@ class Rates:
         """USD per plain output token for a call with this much input: what a live stream is metered at."""
         return (self._flat or self._resolve(total_input))[5]
 
+    def per_million(self, total_input: int = 0) -> dict[str, Decimal]:
+        """USD per 1M tokens of each kind that a call with this much input is charged, fallbacks applied."""
+        per_token = self._flat or self._resolve(total_input)
+        return {name: (rate * MILLION).normalize() for name, rate in zip(_RESOLVED, per_token, strict=True)}
+
+    def tier_starts(self) -> list[int]:
+        """The input sizes above which some rate changes (a call with more input pays the tier's rates)."""
+        tiers = (getattr(self, name) for name in _RATE_NAMES)
+        return sorted({start for rate in tiers if isinstance(rate, Tiered) for start, _ in rate.tiers})
+
 
 _RATE_NAMES = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "input_audio", "output_audio")
+_RESOLVED = ("input", "cache_read", "cache_write", "cache_write_1h", "input_audio", "output", "output_audio")
+# The rate a model with none of its own of a kind is charged instead, as `Rates._resolve` applies it (no
+# input or output rate at all is $0: genai-prices lists such models, e.g. embeddings have no output price).
+FALLBACKS = {
+    "cache_read": "input",
+    "cache_write": "input",
+    "cache_write_1h": "cache_write",
+    "input_audio": "input",
+    "output_audio": "output",
+}
+# Each rate's name where people see it: prices.toml keys and `rk prices --json`. In display order.
+RATE_KEYS = {
+    "input": "input",
+    "cached_input": "cache_read",
+    "cache_write": "cache_write",
+    "cache_write_1h": "cache_write_1h",
+    "output": "output",
+    "input_audio": "input_audio",
+    "output_audio": "output_audio",
+}
 
 
 def normalize_model(name: str) -> str:
@@ -133,20 +168,94 @@ def _decimal(text: str, what: str) -> Decimal:
     return value
 
 
-def parse_price_flag(text: str) -> tuple[str, Rates]:
-    """`MODEL=IN:OUT[:CACHED_IN]` in USD per 1M tokens, as `--price` takes it."""
+def parse_price_flag(text: str, source: str = "--price") -> tuple[str, Rates]:
+    """`MODEL=IN:OUT[:CACHED_IN]` in USD per 1M tokens, as `--price` takes it. `source` says where the text
+    came from (`--price`, `RK_PRICE`, `[prices] in rk.toml`), in errors and on the rates."""
     model, eq, spec = text.partition("=")
     parts = spec.split(":")
+    what = f"{source} {text!r}"
     if not eq or not model.strip() or len(parts) not in (2, 3):
-        raise ConfigError(f"--price {text!r}: expected MODEL=IN:OUT[:CACHED_IN] in USD per 1M tokens")
-    what = f"--price {text!r}"
+        raise ConfigError(f"{what}: expected MODEL=IN:OUT[:CACHED_IN] in USD per 1M tokens")
     rates = Rates(
         input=_decimal(parts[0], what),
         output=_decimal(parts[1], what),
         cache_read=_decimal(parts[2], what) if len(parts) == 3 else None,
-        source="--price",
+        source=source,
     )
     return normalize_model(model), rates
+
+
+PRICES_FILE_EXAMPLE = '[models."my-model"] with input = 2.50 and output = 10.00 (USD per 1M tokens)'
+
+
+def load_prices_file(path: Path) -> list[tuple[str, Rates]]:
+    """The models a prices file prices, in its order. Strict: anything but well-formed, non-negative rates
+    under known keys is a `ConfigError` naming the file and the entry. The format (USD per 1M tokens):
+
+        [models."my-finetune"]
+        input = 2.50           # required
+        output = 10.00         # required
+        cached_input = 1.25    # optional, as all the other RATE_KEYS; a missing rate falls back (FALLBACKS)
+    """
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(), parse_float=Decimal)  # exact: 0.1 is 0.1, not 0.1000000000000000055
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"prices file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"prices file {path}: not valid TOML: {exc}") from None
+    for key in data:
+        if key != "models":
+            raise ConfigError(f"prices file {path}: unknown section {key!r}: prices go under {PRICES_FILE_EXAMPLE}")
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"prices file {path}: 'models' must be tables like {PRICES_FILE_EXAMPLE}")
+    source = f"{path.name} ({path.absolute()})"
+    seen: dict[str, str] = {}
+    found = []
+    for model, entry in models.items():
+        where = f'prices file {path}: [models."{model}"]'
+        name = normalize_model(model)
+        if not name:
+            raise ConfigError(f"{where}: the model name is empty")
+        if name in seen:
+            raise ConfigError(f"{where}: priced twice (also as {seen[name]!r})")
+        seen[name] = model
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table of rates like input = 2.50 and output = 10.00")
+        for key in entry:
+            if key not in RATE_KEYS:
+                raise ConfigError(f"{where}: unknown rate {key!r} (known: {', '.join(RATE_KEYS)})")
+        for key in ("input", "output"):
+            if key not in entry:
+                raise ConfigError(f"{where}: {key} is missing (USD per 1M tokens)")
+        rates = {RATE_KEYS[key]: _file_rate(value, f"{where}: {key}") for key, value in entry.items()}
+        found.append((name, Rates(**rates, source=source)))
+    return found
+
+
+def _file_rate(value: Any, what: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ConfigError(f"{what} = {_toml(value)}: expected a number of USD per 1M tokens, like 2.50")
+    rate = Decimal(value)
+    if not rate.is_finite() or rate < 0:
+        raise ConfigError(f"{what} = {_toml(value)}: must be zero or more USD per 1M tokens")
+    return rate
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def how_to_price(model: str) -> str:
+    """What a person can do about a model with no known price: the end of rk's "no price" messages."""
+    return (
+        f'add one with --price {model}=IN:OUT[:CACHED_IN] (USD per 1M tokens) or a [models."{model}"] entry '
+        "in prices.toml, or let its calls through unpriced with --allow-unpriced"
+    )
 
 
 class _Missing:

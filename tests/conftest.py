@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def rk_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "rk-home"
     monkeypatch.setenv("RK_HOME", str(home))
+    monkeypatch.setenv("RK_CONFIG_DIR", str(tmp_path / "rk-config"))  # never the developer's own config
     for name in list(os.environ):
-        if name.startswith(("RK_", "OPENAI_", "ANTHROPIC_")) and name != "RK_HOME":
+        if name.startswith(("RK_", "OPENAI_", "ANTHROPIC_")) and name not in ("RK_HOME", "RK_CONFIG_DIR"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     return home

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from riskkernel.ledger import store
-from riskkernel.ledger.migrations import migrate
+from riskkernel.ledger.migrations import MIGRATIONS, migrate
 from riskkernel.ledger.store import Ledger
 from riskkernel.models import Budget, CallRecord, Flag, RunRecord, RunStatus, Usage, now_iso
 
@@ -62,8 +62,21 @@ EXPECTED_SCHEMA = {
         "latency_ms",
         "ttfb_ms",
         "error",
+        "cache_savings_pusd",
     ],
-    "index": ["runs_started_at"],
+    "call_rollups": [
+        "run_id",
+        "day",
+        "model",
+        "calls",
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "cost_pusd",
+    ],
+    "index": ["call_rollups_day", "runs_started_at"],
     "trigger": [],
 }
 
@@ -79,10 +92,45 @@ def schema(db: sqlite3.Connection) -> dict[str, list[str]]:
 
 def test_migrating_an_empty_database_gives_the_expected_schema_once(tmp_path: Path) -> None:
     db = store.connect(tmp_path / "l.db")
-    assert migrate(db) == ["m001_runs_and_calls"]
+    assert migrate(db) == ["m001_runs_and_calls", "m002_cache_savings", "m003_call_rollups"]
     assert schema(db) == EXPECTED_SCHEMA
     assert migrate(db) == []
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_ledger_of_the_previous_schema_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    db = store.connect(path)
+    assert migrate(db, MIGRATIONS[:1]) == ["m001_runs_and_calls"]  # as the previous release left it
+    db.execute(
+        "INSERT INTO runs (id, command, cwd, started_at, budget, status, owner, calls, cost_pusd)"
+        " VALUES ('old', '[\"a\"]', '/w', '2026-01-01T00:00:00.000Z', '{}', 'completed', NULL, 1, 7)"
+    )
+    columns = [c[1] for c in db.execute("PRAGMA table_info(calls)")]
+    values = {c: 0 for c in columns} | {
+        "run_id": "old",
+        "seq": 1,
+        "started_at": "2026-01-01T00:00:00.000Z",
+        "endpoint": "/v1/chat/completions",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "flags": "",
+        "cost_pusd": 7,
+    }
+    db.execute(
+        f"INSERT INTO calls ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", list(values.values())
+    )
+    db.close()
+
+    reader = store.open_reader(path)  # readers migrate too
+    assert reader is not None and schema(reader) == EXPECTED_SCHEMA
+    [old] = store.iter_calls(reader, "old")
+    assert old.cost == Decimal("7e-12") and old.cache_savings == 0 and old.model == "gpt-4o"
+    assert store.find_run(reader, "old").totals.cost == Decimal("7e-12")
+    [line] = store.summary(reader, "model")  # from the rollup the migration filled in
+    assert (line.key, line.runs, line.calls, line.cost) == ("gpt-4o", 1, 1, Decimal("7e-12"))
+    assert reader.execute("SELECT count(*) FROM call_rollups").fetchone()[0] == 1
+    assert migrate(reader) == []
 
 
 def test_the_ledger_file_is_private(tmp_path: Path) -> None:

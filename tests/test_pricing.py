@@ -1,4 +1,5 @@
 from decimal import Decimal
+from pathlib import Path
 
 import genai_prices
 import pytest
@@ -7,7 +8,16 @@ from hypothesis import strategies as st
 
 from riskkernel.errors import ConfigError
 from riskkernel.models import Usage
-from riskkernel.pricing import PriceBook, Rates, Tiered, normalize_model, parse_price_flag
+from riskkernel.pricing import (
+    FALLBACKS,
+    RATE_KEYS,
+    PriceBook,
+    Rates,
+    Tiered,
+    load_prices_file,
+    normalize_model,
+    parse_price_flag,
+)
 
 BOOK = PriceBook()
 
@@ -143,3 +153,40 @@ def test_the_genai_prices_source_is_named() -> None:
     rates = BOOK.resolve("gpt-4o-mini", "openai")
     assert rates is not None
     assert rates.source == f"genai-prices {genai_prices.__version__}: openai/gpt-4o-mini"
+
+
+def test_a_prices_file_gives_exact_rates_by_normalised_name(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(
+        '[models."OpenAI/My-FT"]\ninput = 0.1\noutput = 3\ncache_write = 0.125\ncache_write_1h = 0.2\n'
+        '[models."free"]\ninput = 0\noutput = 0\n'
+    )
+    (name, rates), (free, _) = load_prices_file(path)
+    assert (name, free) == ("my-ft", "free")
+    assert rates.input == Decimal("0.1")  # exactly, not the float nearest 0.1
+    assert rates.source == f"prices.toml ({path})"
+    usage = Usage(input_tokens=10_000_000, cache_write_tokens=2_000_000, cache_write_1h_tokens=1_000_000)
+    assert rates.cost(usage) == Decimal("0.8") + Decimal("0.125") + Decimal("0.2")
+    assert PriceBook(load_prices_file(path)).resolve("my-ft-2025-01-01") == rates
+
+
+def test_an_empty_prices_file_prices_nothing(tmp_path: Path) -> None:
+    (tmp_path / "prices.toml").write_text("# nothing yet\n")
+    assert load_prices_file(tmp_path / "prices.toml") == []
+
+
+@pytest.mark.parametrize("missing", list(FALLBACKS))
+def test_a_missing_rate_is_charged_as_its_fallback(missing: str) -> None:
+    own = {attr: Decimal(n) for n, attr in enumerate(RATE_KEYS.values(), start=1) if attr != missing}
+    charged = Rates(**own).per_million()  # type: ignore[arg-type]
+    assert charged[missing] == charged[FALLBACKS[missing]]
+
+
+def test_tiers_are_listed_by_where_they_start() -> None:
+    rates = Rates(
+        input=Tiered(Decimal(3), ((200_000, Decimal(6)),)),
+        output=Tiered(Decimal(15), ((128_000, Decimal(20)), (200_000, Decimal("22.5")))),
+    )
+    assert rates.tier_starts() == [128_000, 200_000]
+    assert rates.per_million(200_001)["output"] == Decimal("22.5")
+    assert rates.per_million(0)["cache_read"] == 3

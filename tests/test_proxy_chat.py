@@ -163,6 +163,7 @@ async def test_cached_and_reasoning_tokens_are_priced_as_billed(
     (row,) = await proxy.calls()
     # o3: 4,000 plain at $2, 6,000 cached at $0.50, 3,000 out (2,000 of it reasoning) at $8 per 1M
     assert row.cost == Decimal("0.035")
+    assert row.cache_savings == Decimal("0.009")  # 6,000 cached at $0.50 instead of $2 per 1M
     assert row.usage == Usage(
         input_tokens=10_000, cached_input_tokens=6_000, output_tokens=3_000, reasoning_tokens=2_000
     )

@@ -4,6 +4,7 @@ and the summary it leaves, and secrets that never leak."""
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from decimal import Decimal
@@ -33,13 +34,35 @@ def key_env(fake: FakeUpstream | None = None) -> dict[str, str]:
     return env
 
 
-async def test_the_runaway_example_is_stopped_at_the_cap_under_mock() -> None:
-    done = await rk("run", "--mock", "--max-cost", "0.05", "--", PY, str(ROOT / "examples" / "runaway_agent.py"))
+async def test_the_runaway_example_is_stopped_at_the_cap_under_mock(tmp_path: Path) -> None:
+    step_summary = tmp_path / "summary.md"
+    step_summary.write_text("earlier step\n")
+    done = await rk(
+        "run",
+        "--mock",
+        "--max-cost",
+        "0.05",
+        "--json",
+        "run.json",
+        "--",
+        PY,
+        str(ROOT / "examples" / "runaway_agent.py"),
+        env={"GITHUB_STEP_SUMMARY": str(step_summary)},
+    )
     assert done.status == 3, done.stderr
     out = done.stdout.decode()
     assert "turn 1:" in out and "HTTP 402" in out and "rk: cost budget exceeded" in out
     assert "halted: cost_budget_exceeded" in done.stderr and "gpt-4o" in done.stderr
-    assert "budget: cost $0.05" in done.stderr
+    assert re.search(r"cost +█{20} \$0\.0\d+ of \$0\.05 +1\d\d%", done.stderr), done.stderr  # the budget's bar
+    # The CI job summary: appended, in Markdown, with the same numbers as the JSON summary.
+    summary = json.loads((tmp_path / "run.json").read_text())
+    markdown = step_summary.read_text()
+    assert markdown.startswith(f"earlier step\n### rk · {PY} ")
+    totals = summary["totals"]
+    cost = f"${Decimal(totals['cost_usd']):.4f}"
+    assert f"| **total** | {totals['calls']} | {totals['input_tokens']:,} |" in markdown and f"**{cost}** |" in markdown
+    assert "**Halted: `cost_budget_exceeded`**" in markdown and f"Run `{summary['run_id']}`, exit status 3" in markdown
+    assert f"Budget: cost {cost} of $0.05" in markdown
 
 
 @pytest.mark.parametrize("example", ["openai_tools_agent.py", "anthropic_agent.py", "responses_agent.py"])

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from riskkernel import __version__
-from riskkernel.cli import ledger, run
+from riskkernel.cli import config, ledger, prices, run
 from riskkernel.errors import ExitCode, RkError
 
 app = typer.Typer(
@@ -31,6 +31,8 @@ app.command(
     no_args_is_help=True,
 )(run.run)
 app.add_typer(ledger.app, name="ledger")
+app.command("prices", help=prices.HELP)(prices.prices)
+app.add_typer(config.app, name="config")
 
 
 def _version(value: bool) -> None:
@@ -49,9 +51,10 @@ def root(
     from riskkernel import paths
     from riskkernel.config import load_file
 
-    config = paths.config_file()
-    if config is not None:
-        ctx.default_map = load_file(config)
+    # `rk config` reads the file itself, so that `rk config init --force` can replace a broken one.
+    file = paths.config_file()
+    if file is not None and ctx.invoked_subcommand != "config":
+        ctx.default_map = load_file(file)
 
 
 class Finished(Exception):

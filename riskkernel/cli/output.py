@@ -6,16 +6,18 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from riskkernel.models import Budget, RunRecord
+from riskkernel.models import Budget, CallRecord, RunRecord
 
 if TYPE_CHECKING:
     from riskkernel.ledger.store import ModelLine
@@ -29,7 +31,7 @@ def stdout() -> Console:
 
 def error(message: str) -> None:
     """One line, never a traceback."""
-    print(message if message.startswith("rk") else f"rk: {message}", file=sys.stderr)
+    print(message if message.startswith("rk: ") else f"rk: {message}", file=sys.stderr)
 
 
 def money(amount: Decimal) -> str:
@@ -73,35 +75,64 @@ def elapsed(run: RunRecord) -> float:
     return (datetime.fromisoformat(run.ended_at) - start).total_seconds()
 
 
-def budget_usage(run: RunRecord) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Used:
+    """One budget dimension: how much of its limit a run used."""
+
+    name: str
+    share: float  # of the limit, 1.0 = all of it
+    text: str
+
+
+def budget_usage(run: RunRecord) -> list[Used]:
     b, t = run.budget, run.totals
     used = []
     if b.max_cost is not None:
-        share = f" ({t.cost / b.max_cost:.0%})" if b.max_cost else ""
-        used.append(f"cost {money(t.cost)} of ${b.max_cost}{share}")
+        share = float(t.cost / b.max_cost) if b.max_cost else (1.0 if t.cost else 0.0)
+        used.append(Used("cost", share, f"{money(t.cost)} of ${b.max_cost}"))
     if b.max_tokens is not None:
-        used.append(f"tokens {count(t.usage.total_tokens)} of {count(b.max_tokens)}")
+        share = t.usage.total_tokens / b.max_tokens if b.max_tokens else 1.0
+        used.append(Used("tokens", share, f"{count(t.usage.total_tokens)} of {count(b.max_tokens)}"))
     if b.max_calls is not None:
-        used.append(f"calls {t.calls} of {b.max_calls}")
+        used.append(Used("calls", t.calls / b.max_calls if b.max_calls else 1.0, f"{t.calls} of {b.max_calls}"))
     if b.max_time is not None:
-        used.append(f"time {duration(elapsed(run))} of {duration(b.max_time)}")
+        spent = elapsed(run)
+        share = spent / b.max_time if b.max_time else 1.0
+        used.append(Used("time", share, f"{duration(spent)} of {duration(b.max_time)}"))
     return used
 
 
-def cost_table(run: RunRecord, lines: list[ModelLine], refused: int) -> Group:
-    """The table `rk run` prints on exit: per model, totals, each budget as used/limit, and the halt."""
-    status = f"halted: {run.halt_reason}" if run.halt_reason else str(run.status)
-    head = Text(f"rk · run {run.run_id[:8]} · {status} · {duration(elapsed(run))}")
+BAR = 20
+COMPACT_BELOW = 72  # columns: narrower terminals get the one-line form
+
+
+def _bar(share: float) -> Text:
+    filled = min(round(share * BAR), BAR)
+    style = "red" if share >= 1 else "yellow" if share >= 0.8 else "green"
+    return Text("█" * filled, style=style) + Text("░" * (BAR - filled), style="dim")
+
+
+def _status(run: RunRecord) -> str:
+    return f"halted: {run.halt_reason}" if run.halt_reason else str(run.status)
+
+
+def cost_table(run: RunRecord, lines: list[ModelLine], refused: int, width: int | None = None) -> Group:
+    """The table `rk run` prints on exit: per model, totals, each budget as a bar of used/limit, the halt;
+    on a terminal narrower than COMPACT_BELOW columns, one line."""
+    if width is not None and width < COMPACT_BELOW:
+        return Group(compact_line(run, lines))
+    head = Text(f"rk · run {run.run_id[:8]} · {_status(run)} · {duration(elapsed(run))}")
     if run.exit_status is not None:
         head.append(f" · exit {run.exit_status}")
     if run.halt_reason:
         head.stylize("bold red")
 
+    savings = sum((line.cache_savings for line in lines), Decimal(0))
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("model")
-    for name in ("calls", "input", "cached", "output", "cost"):
+    columns = ["calls", "input", "cached", "output", "cost"] + (["saved"] if savings else [])
+    for name in columns:
         table.add_column(name, justify="right")
-    notes = []
     for line in lines:
         cost = Text(money(line.cost))
         label = Text(line.model)
@@ -111,9 +142,8 @@ def cost_table(run: RunRecord, lines: list[ModelLine], refused: int) -> Group:
         elif line.estimated:
             cost = Text("~" + money(line.cost))
         u = line.usage
-        table.add_row(
-            label, count(line.calls), count(u.input_tokens), count(u.cached_input_tokens), count(u.output_tokens), cost
-        )
+        cells = [count(line.calls), count(u.input_tokens), count(u.cached_input_tokens), count(u.output_tokens)]
+        table.add_row(label, *cells, cost, *([money(line.cache_savings)] if savings else []))
     t = run.totals
     table.add_section()
     table.add_row(
@@ -123,13 +153,114 @@ def cost_table(run: RunRecord, lines: list[ModelLine], refused: int) -> Group:
         count(t.usage.cached_input_tokens),
         count(t.usage.output_tokens),
         Text(money(t.cost), style="bold"),
+        *([money(savings)] if savings else []),
     )
+    notes = []
     if any(line.unpriced for line in lines):
         notes.append(Text("UNPRICED models were charged $0: their real cost is unknown to rk.", style="bold red"))
     if any(line.estimated for line in lines):
         notes.append(Text("~ some usage was estimated (a stream was cut, or the upstream reported none)."))
+    if savings:
+        notes.append(Text(f"saved: what cache reads saved over the input price ({money(savings)} in all)."))
     if refused:
         notes.append(Text(f"{refused} call{'s' if refused != 1 else ''} refused by rk (402), never sent upstream."))
     used = budget_usage(run)
-    footer = Text("budget: " + (" · ".join(used) if used else "unlimited"))
-    return Group(head, table, *notes, footer)
+    if not used:
+        return Group(head, table, *notes, Text("budget: unlimited"))
+    bars = Table.grid(padding=(0, 1))
+    for _ in range(4):
+        bars.add_column()
+    for dim in used:
+        bars.add_row(f"{dim.name:<6}", _bar(dim.share), dim.text, f"{dim.share:.0%}")
+    return Group(head, table, *notes, Text("budget"), bars)
+
+
+def compact_line(run: RunRecord, lines: list[ModelLine]) -> Text:
+    """The whole table in one line, for narrow terminals."""
+    line = Text(f"rk {run.run_id[:8]} · {_status(run)} · {count(run.totals.calls)} calls · {money(run.totals.cost)}")
+    if run.budget.max_cost is not None:
+        line.append(f" of ${run.budget.max_cost}")
+    if run.exit_status is not None:
+        line.append(f" · exit {run.exit_status}")
+    if any(m.unpriced for m in lines):
+        line.append(" · UNPRICED calls", style="bold red")
+    elif any(m.estimated for m in lines):
+        line.append(" · ~estimated")
+    if run.halt_reason:
+        line.stylize("bold red", 0, len(line.plain))
+    return line
+
+
+def markdown_summary(run: RunRecord, lines: list[ModelLine], refused: int) -> str:
+    """The cost table as GitHub-flavoured Markdown, for a CI job summary (`GITHUB_STEP_SUMMARY`)."""
+    title = run.name or " ".join(run.command)
+    out = [
+        f"### rk · {_md(title)} · {_md(_status(run))}",
+        "",
+        "| model | calls | input | cached | output | cost |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for line in lines:
+        u = line.usage
+        cost = "unpriced" if line.unpriced else ("~" if line.estimated else "") + money(line.cost)
+        cells = (_md(line.model), count(line.calls), count(u.input_tokens), count(u.cached_input_tokens))
+        out.append(f"| {' | '.join(cells)} | {count(u.output_tokens)} | {cost} |")
+    t = run.totals
+    usage = t.usage
+    out.append(
+        f"| **total** | {count(t.calls)} | {count(usage.input_tokens)} | {count(usage.cached_input_tokens)}"
+        f" | {count(usage.output_tokens)} | **{money(t.cost)}** |"
+    )
+    out.append("")
+    used = budget_usage(run)
+    out.append("Budget: " + (" · ".join(f"{d.name} {d.text} ({d.share:.0%})" for d in used) if used else "unlimited"))
+    if run.halt_reason:
+        out.append(f"\n**Halted: `{run.halt_reason}`** — calls past the cap were refused (HTTP 402).")
+    if refused:
+        out.append(f"\n{refused} call{'s' if refused != 1 else ''} refused by rk, never sent upstream.")
+    if any(line.unpriced for line in lines):
+        out.append("\n**Unpriced models were charged $0: their real cost is unknown to rk.**")
+    out.append(f"\nRun `{run.run_id}`" + (f", exit status {run.exit_status}" if run.exit_status is not None else ""))
+    return "\n".join(out) + "\n\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_calls(out: TextIO, calls: Iterable[CallRecord], *, aligned: bool) -> None:
+    """A run's calls a line each, as they come from the ledger: aligned columns under a header on a
+    terminal, tab-separated without one when piped."""
+    header = ("seq", "model", "stream", "status", "input", "cached", "output", "cost", "ms", "flags")
+    widths = (6, 28, 6, 6, 10, 10, 10, 12, 8, 0)
+    if aligned:
+        out.write(_aligned(header, widths) + "\n")
+    batch = []
+    for call in calls:
+        u = call.usage
+        row = (
+            str(call.seq),
+            call.model or call.requested_model or "?",
+            "yes" if call.stream else "",
+            str(call.status),
+            count(u.input_tokens),
+            count(u.cached_input_tokens),
+            count(u.output_tokens),
+            money(call.cost),
+            f"{call.latency_ms:.0f}",
+            ",".join(call.flags) + (f" {call.error}" if call.error else ""),
+        )
+        batch.append(_aligned(row, widths) if aligned else "\t".join(row))
+        if len(batch) >= 500:
+            out.write("\n".join(batch) + "\n")
+            batch.clear()
+    if batch:
+        out.write("\n".join(batch) + "\n")
+    out.flush()
+
+
+def _aligned(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:
+    parts = []
+    for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
+        parts.append(cell.ljust(width) if i in (1, 9) else cell.rjust(width))
+    return "  ".join(parts).rstrip()

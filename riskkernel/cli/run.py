@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from riskkernel.cli.prices import PANEL as PRICES
+from riskkernel.cli.prices import PriceFlags, PricesFile
 from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
 
 HELP = """Run an agent command under a spend cap.
@@ -26,11 +28,12 @@ class OnHalt(StrEnum):
 
 
 BUDGET = "Budget"
-UPSTREAM = "Upstream and prices"
+UPSTREAM = "Upstream"
 OUTPUT = "Output"
 
 
 def run(
+    ctx: typer.Context,
     command: Annotated[
         list[str], typer.Argument(metavar="CMD", help="The agent command and its arguments, after --, verbatim.")
     ],
@@ -100,21 +103,14 @@ def run(
             help="Answer calls with rk's own deterministic fake replies, priced at the real price: no key, no network.",
         ),
     ] = False,
-    price: Annotated[
-        list[str] | None,
-        typer.Option(
-            envvar=ENV["price"],
-            rich_help_panel=UPSTREAM,
-            metavar="MODEL=IN:OUT[:CACHED_IN]",
-            help="Price a model, USD per 1M tokens (repeatable). Overrides genai-prices.",
-        ),
-    ] = None,
+    price: PriceFlags = None,
+    prices_file: PricesFile = None,
     allow_unpriced: Annotated[
         bool,
         typer.Option(
             "--allow-unpriced",
             envvar=ENV["allow_unpriced"],
-            rich_help_panel=UPSTREAM,
+            rich_help_panel=PRICES,
             help="Let calls to models with no known price through, flagged unpriced, instead of refusing them.",
         ),
     ] = False,
@@ -147,8 +143,8 @@ def run(
 
     from riskkernel import runner
     from riskkernel.cli import output
+    from riskkernel.cli.prices import price_overrides
     from riskkernel.config import RunSettings, parse_budget, parse_tags, parse_upstream
-    from riskkernel.pricing import parse_price_flag
 
     if json_file is not None:
         _check_writable(json_file)
@@ -159,7 +155,7 @@ def run(
         openai_upstream=parse_upstream(openai_upstream),
         anthropic_upstream=parse_upstream(anthropic_upstream),
         mock=mock,
-        prices=tuple(parse_price_flag(p) for p in price or ()),
+        prices=price_overrides(ctx, price, prices_file),
         allow_unpriced=allow_unpriced,
         allow_unmetered=allow_unmetered,
         name=name,
@@ -176,8 +172,7 @@ def run(
     outcome = asyncio.run(runner.run(settings, command, announce))
     if outcome.error:
         output.error(outcome.error)
-    if not quiet or json_file is not None:
-        _report(outcome.run_id, quiet, json_file)
+    _report(outcome.run_id, quiet, json_file)
     from riskkernel.cli import Finished
 
     raise Finished(outcome.exit_status)
@@ -195,19 +190,32 @@ def _check_writable(path: Path) -> None:
 
 
 def _report(run_id: str, quiet: bool, json_file: Path | None) -> None:
+    """The cost table on stderr, the --json summary, and the CI job summary where GITHUB_STEP_SUMMARY is set."""
+    import os
+
     from riskkernel import paths
     from riskkernel.cli import output
     from riskkernel.ledger import store
-    from riskkernel.models import dumps
+    from riskkernel.ledger.export import write_run
 
     db = store.open_reader(paths.ledger_path())
     assert db is not None  # the run was just written
     try:
         record = store.find_run(db, run_id)
+        lines, refused = store.model_breakdown(db, run_id)
         if not quiet:
-            lines, refused = store.model_breakdown(db, run_id)
-            output.stderr.print(output.cost_table(record, lines, refused))
+            width = output.stderr.width if output.stderr.is_terminal else None
+            output.stderr.print(output.cost_table(record, lines, refused, width=width))
         if json_file is not None:
-            json_file.write_text(dumps(record.to_json(list(store.iter_calls(db, run_id)))) + "\n")
+            with json_file.open("w", encoding="utf-8") as f:
+                write_run(f, db, record)
+                f.write("\n")
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:
+            try:
+                with open(step_summary, "a", encoding="utf-8") as f:
+                    f.write(output.markdown_summary(record, lines, refused))
+            except OSError as exc:
+                output.error(f"cannot append to GITHUB_STEP_SUMMARY ({step_summary}): {exc.strerror or exc}")
     finally:
         db.close()

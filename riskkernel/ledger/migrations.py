@@ -18,15 +18,18 @@ def migration(fn: Migration) -> Migration:
     return fn
 
 
-def migrate(db: sqlite3.Connection) -> list[str]:
+def migrate(db: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) -> list[str]:
     """Apply the migrations this database lacks, in order; return the names applied.
 
     `db` must be in autocommit mode (`isolation_level=None`) so that each migration's transaction,
     DDL included, is the explicit one here.
     """
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    done = {name for (name,) in db.execute("SELECT name FROM _migrations")}
     applied = []
-    for fn in MIGRATIONS:
+    for fn in migrations:
+        if fn.__name__ in done:
+            continue  # without taking the write lock: a reader of a current ledger never waits on the proxy
         db.execute("BEGIN IMMEDIATE")
         try:
             if db.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,)).fetchone():
@@ -102,5 +105,48 @@ def m001_runs_and_calls(db: sqlite3.Connection) -> None:
             error TEXT,
             PRIMARY KEY (run_id, seq)
         ) WITHOUT ROWID
+        """
+    )
+
+
+@migration
+def m002_cache_savings(db: sqlite3.Connection) -> None:
+    """What each call's cache reads saved over paying the plain input rate (0 for calls recorded before)."""
+    db.execute("ALTER TABLE calls ADD COLUMN cache_savings_pusd INTEGER NOT NULL DEFAULT 0")
+
+
+@migration
+def m003_call_rollups(db: sqlite3.Connection) -> None:
+    """A finished run's counted calls summed per UTC day and model, written when the run ends, so that
+    `rk ledger summary` reads thousands of rollups rather than millions of calls. Backfilled here (the
+    statement is a copy, as of this migration, of the one the store runs when a run ends)."""
+    db.execute(
+        """
+        CREATE TABLE call_rollups (
+            run_id TEXT NOT NULL,
+            day TEXT NOT NULL,
+            model TEXT NOT NULL,
+            calls INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            cache_write_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL,
+            cost_pusd INTEGER NOT NULL,
+            PRIMARY KEY (run_id, day, model)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX call_rollups_day ON call_rollups (day)")
+    db.execute(
+        """
+        INSERT INTO call_rollups
+        SELECT run_id, substr(started_at, 1, 10), coalesce(model, requested_model, '?'), count(*),
+               sum(input_tokens), sum(cached_input_tokens), sum(cache_write_tokens), sum(output_tokens),
+               sum(reasoning_tokens), sum(cost_pusd)
+        FROM calls
+        WHERE instr(flags, 'refused') = 0 AND instr(flags, 'unmetered') = 0
+          AND run_id IN (SELECT id FROM runs WHERE status != 'running')
+        GROUP BY 1, 2, 3
         """
     )

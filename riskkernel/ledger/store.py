@@ -10,7 +10,6 @@ itself (SIGKILL) without an fsync per row; SQLite work never runs on the event l
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from riskkernel.errors import LedgerError
 from riskkernel.ledger.migrations import migrate
@@ -39,6 +38,7 @@ from riskkernel.models import (
     Totals,
     Usage,
     now_iso,
+    usd,
 )
 
 Statement = tuple[str, Sequence[Any]]
@@ -132,6 +132,8 @@ class Ledger:
     async def commit(self, write: Write) -> None:
         """Queue a write from the event loop and wait until it is committed. Writes queued while the writer
         is busy are committed together, in the order they were queued."""
+        import asyncio  # here, not at the top: readers (the CLI) never need it
+
         future = asyncio.get_running_loop().create_future()
         self._queue.put([(write, future)])
         await future
@@ -174,7 +176,7 @@ class Ledger:
             error = None if errors is None else errors[i]
             if error is not None and not isinstance(error, LedgerError):
                 error = LedgerError(f"cannot write to the ledger at {self.path}: {error}")
-            if isinstance(waiter, asyncio.Future):
+            if not isinstance(waiter, Future):  # an asyncio future: resolved on its own loop
                 wakeups.setdefault(waiter.get_loop(), []).append((waiter, error))
             elif error is None:
                 waiter.set_result(None)
@@ -185,7 +187,10 @@ class Ledger:
                 loop.call_soon_threadsafe(_resolve, waiters)
 
 
-Waiter = Future[None] | asyncio.Future[None]
+if TYPE_CHECKING:
+    import asyncio
+
+    Waiter = Future[None] | asyncio.Future[None]
 
 
 @contextlib.contextmanager
@@ -265,12 +270,20 @@ _TOTALS = (
 )
 # A run's row holds its totals once it has ended; while it runs, readers sum its calls.
 _STORE_TOTALS = f"UPDATE runs SET ({', '.join(_TOTAL_COLUMNS)}) = ({_TOTALS}) WHERE id = ?"
+_MODEL = "coalesce(model, requested_model, '?')"  # a call's model for people: as served, else as requested
+_ROLLUP_SUMS = ", ".join(f"sum({c})" for c in (*USAGE_COLUMNS, "cost_pusd"))
+# ... and its counted calls summed per UTC day and model, which is what `summary` reads.
+_STORE_ROLLUPS = (
+    f"INSERT OR REPLACE INTO call_rollups SELECT run_id, substr(started_at, 1, 10), {_MODEL}, count(*), "
+    f"{_ROLLUP_SUMS} FROM calls WHERE run_id = ? AND {_COUNTED} GROUP BY 1, 2, 3"
+)
 
 
 def finish_run(run_id: str, status: RunStatus, halt_reason: str | None, exit_status: int | None) -> Write:
     return (
         (_FINISH_RUN, (str(status), halt_reason, exit_status, now_iso(), run_id)),
         (_STORE_TOTALS, (run_id, run_id)),
+        (_STORE_ROLLUPS, (run_id,)),
     )
 
 
@@ -280,7 +293,7 @@ _FINISH_RUN = "UPDATE runs SET status = ?, halt_reason = ?, exit_status = ?, end
 _CALL_COLUMNS = (
     "run_id, seq, started_at, endpoint, provider, requested_model, model, stream, status, "
     + ", ".join(CALL_USAGE_COLUMNS)
-    + ", cost_pusd, price_source, flags, latency_ms, ttfb_ms, error"
+    + ", cost_pusd, price_source, flags, latency_ms, ttfb_ms, error, cache_savings_pusd"
 )
 _INSERT_CALL = f"INSERT INTO calls ({_CALL_COLUMNS}) VALUES ({', '.join('?' * len(_CALL_COLUMNS.split(',')))})"
 
@@ -303,6 +316,7 @@ def insert_call(call: CallRecord) -> Write:
         call.latency_ms,
         call.ttfb_ms,
         call.error,
+        to_pusd(call.cache_savings),
     )
     return ((_INSERT_CALL, row),)
 
@@ -338,6 +352,7 @@ def mark_interrupted(db: sqlite3.Connection) -> None:
                     (run_id,),
                 )
                 db.execute(_STORE_TOTALS, (run_id, run_id))
+                db.execute(_STORE_ROLLUPS, (run_id,))
 
 
 def _run_from_row(db: sqlite3.Connection, row: tuple[Any, ...]) -> RunRecord:
@@ -361,11 +376,44 @@ def _run_from_row(db: sqlite3.Connection, row: tuple[Any, ...]) -> RunRecord:
     )
 
 
-def list_runs(db: sqlite3.Connection, limit: int | None = 20) -> list[RunRecord]:
-    sql = f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC"
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    """Which runs: started at or after `since` (an ISO-8601 UTC timestamp), in one of `statuses`, carrying
+    every one of `tags`. Empty means no condition."""
+
+    since: str | None = None
+    statuses: tuple[RunStatus, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def where(self, table: str = "runs") -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if self.since is not None:
+            clauses.append(f"{table}.started_at >= ?")
+            params.append(self.since)
+        if self.statuses:
+            clauses.append(f"{table}.status IN ({', '.join('?' * len(self.statuses))})")
+            params += [str(status) for status in self.statuses]
+        for key, value in self.tags:
+            clauses.append(f"EXISTS (SELECT 1 FROM json_each({table}.tags) WHERE key = ? AND value = ?)")
+            params += [key, value]
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def list_runs(db: sqlite3.Connection, limit: int | None = 20, which: RunFilter = RunFilter()) -> list[RunRecord]:
+    """The newest runs first."""
+    return list(iter_runs(db, which, newest_first=True, limit=limit))
+
+
+def iter_runs(
+    db: sqlite3.Connection, which: RunFilter = RunFilter(), *, newest_first: bool = False, limit: int | None = None
+) -> Iterator[RunRecord]:
+    where, params = which.where()
+    order = "DESC" if newest_first else "ASC"
+    sql = f"SELECT {_RUN_COLUMNS} FROM runs{where} ORDER BY started_at {order}, rowid {order}"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
-    return [_run_from_row(db, row) for row in db.execute(sql).fetchall()]
+    for row in db.execute(sql, params).fetchall() if limit is not None else db.execute(sql, params):
+        yield _run_from_row(db, row)
 
 
 def find_run(db: sqlite3.Connection, prefix: str) -> RunRecord:
@@ -388,7 +436,7 @@ def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:
     cursor = db.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE run_id = ? ORDER BY seq", (run_id,))
     n = len(CALL_USAGE_COLUMNS)
     for row in cursor:
-        cost, source, flags, latency, ttfb, error = row[9 + n :]
+        cost, source, flags, latency, ttfb, error, savings = row[9 + n :]
         yield CallRecord(
             run_id=row[0],
             seq=row[1],
@@ -406,6 +454,7 @@ def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:
             latency_ms=latency,
             ttfb_ms=ttfb,
             error=error,
+            cache_savings=from_pusd(savings),
         )
 
 
@@ -419,14 +468,15 @@ class ModelLine:
     cost: Decimal
     unpriced: bool
     estimated: bool
+    cache_savings: Decimal
 
 
 def model_breakdown(db: sqlite3.Connection, run_id: str) -> tuple[list[ModelLine], int]:
     """Per-model totals of a run's counted calls, and how many calls rk refused."""
     rows = db.execute(
-        "SELECT coalesce(model, requested_model, '?'), count(*), "
+        f"SELECT {_MODEL}, count(*), "
         + ", ".join(f"sum({c})" for c in USAGE_COLUMNS)
-        + ", sum(cost_pusd), max(instr(flags, ?) > 0), max(instr(flags, ?) > 0)"
+        + ", sum(cost_pusd), max(instr(flags, ?) > 0), max(instr(flags, ?) > 0), sum(cache_savings_pusd)"
         f" FROM calls WHERE run_id = ? AND {_COUNTED}"
         " GROUP BY 1 ORDER BY sum(cost_pusd) DESC, 1",
         (Flag.UNPRICED, Flag.ESTIMATED, run_id),
@@ -439,6 +489,7 @@ def model_breakdown(db: sqlite3.Connection, run_id: str) -> tuple[list[ModelLine
             cost=from_pusd(row[7]),
             unpriced=bool(row[8]),
             estimated=bool(row[9]),
+            cache_savings=from_pusd(row[10]),
         )
         for row in rows
     ]
@@ -446,3 +497,80 @@ def model_breakdown(db: sqlite3.Connection, run_id: str) -> tuple[list[ModelLine
         "SELECT count(*) FROM calls WHERE run_id = ? AND instr(flags, ?) > 0", (run_id, Flag.REFUSED)
     ).fetchone()[0]
     return lines, refused
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryLine:
+    """Spend rolled up under one key (a model, a UTC day, a tag's value)."""
+
+    key: str
+    runs: int
+    calls: int
+    usage: Usage
+    cost: Decimal
+
+    def to_json(self, by: str) -> dict[str, Any]:
+        return {
+            by: self.key,
+            "runs": self.runs,
+            "calls": self.calls,
+            **{name: getattr(self.usage, name) for name in USAGE_COLUMNS},
+            "cost_usd": usd(self.cost),
+        }
+
+
+NO_TAG = "(none)"
+
+
+def summary(db: sqlite3.Connection, by: str, since: str | None = None) -> list[SummaryLine]:
+    """The counted calls made at or after `since`, rolled up `by` "model", "day" (UTC) or "tag:KEY" (the
+    value of the tag KEY on the call's run). The biggest spend first; days in order.
+
+    Finished runs are read from their rollups, running runs from their calls. With `since`, the rollups
+    of the days after its day are whole; calls of its own day are read one by one, to the millisecond."""
+    sums = ", ".join((*USAGE_COLUMNS, "cost_pusd"))
+    calls = f"SELECT run_id, substr(started_at, 1, 10) AS day, {_MODEL} AS model, 1 AS calls, {sums} FROM calls"
+    rollups = f"SELECT run_id, day, model, calls, {sums} FROM call_rollups"
+    running = f"run_id IN (SELECT id FROM runs WHERE status = '{RunStatus.RUNNING}')"
+    params: list[Any] = []
+    if since is None:
+        parts = [rollups, f"{calls} WHERE {running} AND {_COUNTED}"]
+    else:
+        day = since[:10]
+        parts = [
+            f"{rollups} WHERE day > ?",
+            f"{calls} WHERE run_id IN (SELECT run_id FROM call_rollups WHERE day = ?)"
+            f" AND started_at >= ? AND started_at < ? AND {_COUNTED}",
+            f"{calls} WHERE {running} AND started_at >= ? AND {_COUNTED}",
+        ]
+        params += [day, day, since, day + "\U0010ffff", since]
+    if by == "model":
+        key = "u.model"
+    elif by == "day":
+        key = "u.day"
+    elif by.startswith("tag:") and by[4:]:
+        key = "r.tag"
+    else:
+        raise ValueError(f"cannot summarise by {by!r}: use model, day or tag:KEY")
+    join = ""
+    if by.startswith("tag:"):  # each run's tag read once, not once per row
+        tag = f"coalesce((SELECT value FROM json_each(tags) WHERE key = ?), '{NO_TAG}')"
+        join = f" JOIN (SELECT id, {tag} AS tag FROM runs) r ON r.id = u.run_id"
+        params.append(by[4:])
+    order = "1" if by == "day" else "sum(u.cost_pusd) DESC, 1"
+    rows = db.execute(
+        f"SELECT {key}, count(DISTINCT u.run_id), sum(u.calls), "
+        + ", ".join(f"sum(u.{column})" for column in (*USAGE_COLUMNS, "cost_pusd"))
+        + f" FROM ({' UNION ALL '.join(parts)}) u{join} GROUP BY 1 ORDER BY {order}",
+        params,
+    ).fetchall()
+    return [
+        SummaryLine(
+            key=row[0],
+            runs=row[1],
+            calls=row[2],
+            usage=Usage(**dict(zip(USAGE_COLUMNS, row[3:8], strict=True))),
+            cost=from_pusd(row[8]),
+        )
+        for row in rows
+    ]

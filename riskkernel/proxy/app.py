@@ -35,7 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from riskkernel.governor import ZERO, Refused, Spend, Ticket
 from riskkernel.ledger.store import insert_call
 from riskkernel.models import CallRecord, Flag, HaltReason, Refusal, Usage, now_iso, usd
-from riskkernel.pricing import MISSING, PriceBook, Rates
+from riskkernel.pricing import MISSING, PriceBook, Rates, how_to_price
 from riskkernel.providers import (
     Endpoint,
     ErrorKind,
@@ -231,6 +231,7 @@ class _Call:
         source: str | None = None,
         flags: tuple[str, ...] = (),
         error: str | None = None,
+        cache_savings: Decimal = ZERO,
     ) -> CallRecord:
         return CallRecord(
             run_id=self.run.id,
@@ -249,6 +250,7 @@ class _Call:
             latency_ms=(time.monotonic() - self.started) * 1000,
             ttfb_ms=self.ttfb_ms,
             error=error,
+            cache_savings=cache_savings,
         )
 
     async def record(self, status: int, **row: Any) -> None:
@@ -290,11 +292,14 @@ class _Call:
         if served != req.model or metered.service_tier != req.service_tier:
             tier = metered.service_tier if metered.service_tier != "default" else None
             rates = await _rates(self.proxy.prices, served, self.endpoint.provider.name, tier) or rates
+        savings = ZERO
         if rates is None:
             cost, source = ZERO, None
             flags.append(Flag.UNPRICED)
         else:
             cost, source = rates.cost(usage), rates.source
+            if usage.cached_input_tokens:  # what the same input would have cost uncached
+                savings = rates.cost(replace(usage, cached_input_tokens=0)) - cost
         if cut is not None:
             flags.append(Flag.CUT)
             error = f"cut: {cut}"
@@ -309,6 +314,7 @@ class _Call:
             source=source,
             flags=tuple(flags),
             error=None if error is None else redact(error),
+            cache_savings=savings,
         )
         return cost
 
@@ -382,10 +388,7 @@ def _detached_message(run_id: str) -> str:
 
 
 def _unpriced_message(model: str, run_id: str) -> str:
-    return (
-        f"rk: no price is known for model {model!r} — add one with --price {model}=IN:OUT (USD per 1M tokens),"
-        f" or let it through unpriced with --allow-unpriced (run {run_id[:8]}…)"
-    )
+    return f"rk: no price is known for model {model!r} — {how_to_price(model)} (run {run_id[:8]}…)"
 
 
 def _without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
