@@ -174,7 +174,7 @@ async def test_show_text_has_the_cost_table_and_the_calls(ledger: dict[str, list
         assert "gpt-4o 1 2,000 100 20 $0.5100" in flat and "gpt-4o-mini 1 1,000 100 10 ~$0.0003" in flat
         assert "total 2 3,000 200 30 $0.5103" in flat
         assert "~ some usage was estimated" in flat
-        assert re.search(r"cost █{20} \$0\.5103 of \$0\.50 102%", flat)
+        assert re.search(r"budget cost █{20} \$0\.5103 of \$0\.50 102%", flat)
         lines = text.splitlines()
         if env:
             assert "seq model stream status input cached output cost ms flags" in flat

@@ -53,7 +53,7 @@ async def test_the_runaway_example_is_stopped_at_the_cap_under_mock(tmp_path: Pa
     out = done.stdout.decode()
     assert "turn 1:" in out and "HTTP 402" in out and "rk: cost budget exceeded" in out
     assert "halted: cost_budget_exceeded" in done.stderr and "gpt-4o" in done.stderr
-    assert re.search(r"cost +█{20} \$0\.0\d+ of \$0\.05 +1\d\d%", done.stderr), done.stderr  # the budget's bar
+    assert re.search(r"budget cost +█{20} \$0\.0\d+ of \$0\.05 +1\d\d%", done.stderr), done.stderr  # the budget's bar
     # The CI job summary: appended, in Markdown, with the same numbers as the JSON summary.
     summary = json.loads((tmp_path / "run.json").read_text())
     markdown = step_summary.read_text()

@@ -121,7 +121,9 @@ def export(
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="json (runs with their calls), jsonl or csv (a row per call).")
     ] = "json",
-    out: Annotated[Path | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write to FILE instead of stdout.")
+    ] = None,
     since: Annotated[str | None, SINCE] = None,
     status: Annotated[list[str] | None, STATUS] = None,
     tag: Annotated[list[str] | None, TAG] = None,

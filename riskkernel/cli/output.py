@@ -168,11 +168,11 @@ def cost_table(run: RunRecord, lines: list[ModelLine], refused: int, width: int 
     if not used:
         return Group(head, table, *notes, Text("budget: unlimited"))
     bars = Table.grid(padding=(0, 1))
-    for _ in range(4):
+    for _ in range(5):
         bars.add_column()
-    for dim in used:
-        bars.add_row(f"{dim.name:<6}", _bar(dim.share), dim.text, f"{dim.share:.0%}")
-    return Group(head, table, *notes, Text("budget"), bars)
+    for i, dim in enumerate(used):
+        bars.add_row("budget" if i == 0 else "", dim.name, _bar(dim.share), dim.text, f"{dim.share:.0%}")
+    return Group(head, table, *notes, bars)
 
 
 def compact_line(run: RunRecord, lines: list[ModelLine]) -> Text:
