@@ -18,10 +18,11 @@ import secrets
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
-from riskkernel import paths
+from riskkernel import control, paths
 from riskkernel.config import NOT_INHERITED, RunSettings, parse_upstream
 from riskkernel.errors import ExitCode
 from riskkernel.ledger import store
@@ -95,8 +96,9 @@ def new_record(settings: RunSettings, argv: list[str]) -> RunRecord:
     )
 
 
-async def start_proxy(settings: RunSettings, live: LiveRun) -> tuple[list[web.AppRunner], str]:
-    """Serve the proxy for a run (and the mock upstream under --mock): the servers, proxy first, and its URL."""
+async def start_proxy(settings: RunSettings, live: LiveRun, control_token: str) -> tuple[list[web.AppRunner], str]:
+    """Serve the proxy for a run (and the mock upstream under --mock), with its `/rk` API behind
+    `control_token`: the servers, proxy first, and its URL."""
     servers = []
     bases = upstreams(settings, dict(os.environ))
     if settings.mock:
@@ -105,6 +107,7 @@ async def start_proxy(settings: RunSettings, live: LiveRun) -> tuple[list[web.Ap
         bases = {provider.name: mock_url + provider.prefix for provider in PROVIDERS}
     proxy = Proxy(
         run=live,
+        control_token=control_token,
         upstreams=bases,
         prices=PriceBook(settings.prices),
         allow_unpriced=settings.allow_unpriced,
@@ -130,9 +133,13 @@ async def run(
     status = int(ExitCode.RK_FAILED)
     terminated = False
     error = None
+    published: Path | None = None
     try:
         await ledger.commit(store.insert_run(record))
-        servers, url = await start_proxy(settings, live)
+        token = control.new_token()
+        servers, url = await start_proxy(settings, live, token)
+        assert record.owner is not None
+        published = control.publish(record.owner, control.Control(url, token))  # so that `rk kill` finds us
         announce(record, url)
         env = child_env(dict(os.environ), url, record.run_id, settings.mock)
         try:
@@ -140,6 +147,8 @@ async def run(
         except _ChildError as exc:
             status, error = exc.code, str(exc)
     finally:
+        if published is not None:
+            control.unpublish(published)
         live.stop_clock()
         for server in servers:  # the proxy first: its calls in flight may still need the mock
             await server.cleanup()
@@ -203,7 +212,7 @@ async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settin
         nonlocal interrupts
         interrupts += 1
         if interrupts == 1:
-            live.halt(HaltReason.KILLED)
+            live.kill()
             if not interactive:
                 signal_child(signal.SIGINT)
         else:

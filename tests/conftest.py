@@ -15,7 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from riskkernel import paths, runner
+from riskkernel import control, paths, runner
 from riskkernel.config import RunSettings
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger
@@ -56,6 +56,7 @@ class Harness:
     servers: list[Any]
     client: openai.AsyncOpenAI
     claude: anthropic.AsyncAnthropic
+    token: str  # the /rk API's bearer token
     extra_clients: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = field(default_factory=list)
 
     @property
@@ -112,10 +113,11 @@ async def start_proxy(fake: FakeUpstream) -> AsyncIterator[StartProxy]:
         ledger.submit(store.insert_run(record)).result()
         live = LiveRun(record, ledger)
         live.start_clock()
-        servers, url = await runner.start_proxy(config, live)
+        token = control.new_token()
+        servers, url = await runner.start_proxy(config, live, token)
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
         claude = anthropic.AsyncAnthropic(base_url=url, api_key=SECRET, max_retries=0)
-        harness = Harness(url, live, ledger, servers, client, claude)
+        harness = Harness(url, live, ledger, servers, client, claude, token)
         started.append(harness)
         return harness
 

@@ -368,7 +368,7 @@ async def test_the_api_key_never_reaches_the_ledger_or_stderr(tmp_path: Path, fa
     home = Path(os.environ["RK_HOME"])
     listed = await rk("ledger", "list", "--json")
     assert marker.encode() not in listed.stdout
-    for path in [*home.iterdir(), out]:
+    for path in [*(p for p in home.rglob("*") if p.is_file()), out]:
         assert marker.encode() not in path.read_bytes(), path
     assert marker not in done.stderr
 

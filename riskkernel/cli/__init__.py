@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from riskkernel import __version__
-from riskkernel.cli import config, ledger, prices, run
+from riskkernel.cli import config, kill, ledger, prices, run
 from riskkernel.errors import ExitCode, RkError
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.command(
     no_args_is_help=True,
 )(run.run)
 app.add_typer(ledger.app, name="ledger")
+app.command("kill", help=kill.HELP)(kill.kill)
 app.command("prices", help=prices.HELP)(prices.prices)
 app.add_typer(config.app, name="config")
 

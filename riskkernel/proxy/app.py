@@ -49,6 +49,7 @@ from riskkernel.providers import (
 )
 from riskkernel.providers.catalog import ENDPOINTS, FREE_POSTS, provider_for
 from riskkernel.providers.sse import SSEDecoder
+from riskkernel.proxy import api
 from riskkernel.proxy.run import LiveCall, LiveRun
 
 log = logging.getLogger("riskkernel")
@@ -86,6 +87,7 @@ class Proxy:
 
     run: LiveRun
     upstreams: dict[str, str]  # provider -> base URL, e.g. {"openai": "https://api.openai.com/v1"}
+    control_token: str | None = None  # serve the /rk API behind this bearer token
     prices: PriceBook = field(default_factory=PriceBook)
     allow_unpriced: bool = False
     allow_unmetered: bool = False
@@ -128,6 +130,8 @@ def make_app(proxy: Proxy) -> web.Application:
         app.router.add_post(path, _free)
     app.router.add_route("GET", "/v1/{tail:.*}", _free)  # (HEAD too)
     app.router.add_route("*", "/v1/{tail:.*}", _unmetered)
+    if proxy.control_token is not None:
+        api.add_routes(app, proxy.control_token, lambda: [proxy.run])
     app.router.add_route("*", "/{tail:.*}", _not_served)
     return app
 

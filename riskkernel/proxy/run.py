@@ -76,6 +76,15 @@ class LiveRun:
         if self.governor.halt(reason):
             self.halted(reason)
 
+    def kill(self) -> None:
+        """The kill switch: halt with `killed` and cut every call in flight. A run already halted keeps its
+        reason (halted stays halted), but its calls in flight are cut all the same."""
+        if self.governor.halt(HaltReason.KILLED):
+            self.halted(HaltReason.KILLED)
+        else:
+            for call in list(self.calls):
+                call.cut(HaltReason.KILLED)
+
     def progress(self, ticket: Ticket, cost: Decimal, tokens: int) -> None:
         """A live stream has cost this much so far; halt the run if that spends a budget."""
         reason = self.governor.progress(ticket, cost, tokens)
