@@ -161,4 +161,5 @@ def load_file(path: Path) -> dict[str, Any]:
         else:
             known = ", ".join(sorted([k for k in ENV if k not in TABLES] + list(tables)))
             raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
-    return {"run": settings, "prices": {k: v for k, v in settings.items() if k in PRICE_SETTINGS}}
+    prices = {k: v for k, v in settings.items() if k in PRICE_SETTINGS}
+    return {"run": settings, "serve": settings, "prices": prices}  # each command takes the keys it has

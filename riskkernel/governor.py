@@ -139,6 +139,14 @@ class Governor:
             return None
         return max(self.budget.max_cost - self.spent.cost, ZERO)
 
+    def resume(self, spent: Spend, halt_reason: HaltReason | None) -> None:
+        """Carry on a run that an earlier process served: what it spent counts, and a halted run stays halted
+        (as does one whose spend already reaches a limit)."""
+        self.spent = spent
+        reason = halt_reason or self._exhausted(spent.cost, spent.tokens, spent.calls)
+        if reason is not None:
+            self.halt(reason)
+
     # -- internals -------------------------------------------------------------------------------------
 
     def _time_up(self, now: float) -> bool:

@@ -56,5 +56,9 @@ def config_file() -> Path | None:
 
 
 def prices_file() -> Path | None:
-    """`prices.toml` in the working directory if present, else the one in the user config dir if present."""
+    """`prices.toml` beside the config file in effect; with no config file, in the working directory, else in
+    the user config dir. A project's prices never apply under another project's (or the user's) config."""
+    config = config_file()
+    if config is not None:
+        return _first_file(config.parent / "prices.toml")
     return _first_file(Path("prices.toml"), user_prices_file())

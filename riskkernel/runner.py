@@ -34,7 +34,7 @@ from riskkernel.providers.catalog import PROVIDERS
 from riskkernel.proxy import serve
 from riskkernel.proxy.app import Proxy, make_app
 from riskkernel.proxy.mock import MOCK_KEY, make_mock_app
-from riskkernel.proxy.run import LiveRun
+from riskkernel.proxy.run import LiveRun, OneRun
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -106,7 +106,7 @@ async def start_proxy(settings: RunSettings, live: LiveRun, control_token: str) 
         servers.append(mock)
         bases = {provider.name: mock_url + provider.prefix for provider in PROVIDERS}
     proxy = Proxy(
-        run=live,
+        runs=OneRun(live),
         control_token=control_token,
         upstreams=bases,
         prices=PriceBook(settings.prices),

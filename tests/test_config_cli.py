@@ -130,7 +130,7 @@ async def test_a_prices_toml_found_by_search_is_shown(tmp_path: Path) -> None:
     assert shown["settings"]["prices_file"] == {
         "value": str(tmp_path / "prices.toml"),
         "source": "default",
-        "from": "found beside the config",
+        "from": "found",
     }
 
 
@@ -151,7 +151,7 @@ async def test_config_init_writes_a_commented_file_with_every_setting(tmp_path: 
     assert done.status == 0, done.stderr
     path = tmp_path / "rk.toml"
     text = path.read_text()
-    assert load_file(path) == {"run": {}, "prices": {}}  # every setting commented out at its default
+    assert load_file(path) == {"run": {}, "serve": {}, "prices": {}}  # every setting commented out at its default
     switched_on = tmp_path / "on.toml"
     switched_on.write_text(uncommented(text))
     settings = load_file(switched_on)["run"]
@@ -196,7 +196,7 @@ async def test_config_init_never_overwrites_without_force(tmp_path: Path) -> Non
     assert done.stderr.strip() == f"rk: {path} already exists; pass --force to overwrite it"
     assert path.read_text() == "max_cots = 1\n"
     forced = await rk("config", "init", "--force")
-    assert forced.status == 0 and load_file(path) == {"run": {}, "prices": {}}
+    assert forced.status == 0 and load_file(path) == {"run": {}, "serve": {}, "prices": {}}
 
 
 async def test_config_init_user_writes_the_user_config_file(tmp_path: Path, user_config_dir: Path) -> None:

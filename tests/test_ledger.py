@@ -77,7 +77,7 @@ EXPECTED_SCHEMA = {
         "cost_pusd",
     ],
     "index": ["call_rollups_day", "runs_started_at"],
-    "trigger": [],
+    "trigger": ["call_rollups_on_end", "call_rollups_on_resume"],
 }
 
 
@@ -240,4 +240,6 @@ def test_a_run_whose_owner_died_reads_as_interrupted(tmp_path: Path) -> None:
     assert store.find_run(db, "dead").status == RunStatus.INTERRUPTED
     assert store.find_run(db, "dead").ended_at is not None
     assert store.find_run(db, "alive").status == RunStatus.RUNNING
+    [line] = store.summary(db, "model")  # the interrupted run's call is rolled up and counted once
+    assert (line.calls, line.cost) == (1, Decimal("0.001"))
     assert os.getpid() != pid

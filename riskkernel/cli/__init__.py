@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from riskkernel import __version__
-from riskkernel.cli import config, kill, ledger, prices, run
+from riskkernel.cli import config, kill, ledger, prices, run, serve
 from riskkernel.errors import ExitCode, RkError
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command(
     context_settings={"allow_interspersed_args": False},
     no_args_is_help=True,
 )(run.run)
+app.command("serve", help=serve.HELP)(serve.serve)
 app.add_typer(ledger.app, name="ledger")
 app.command("kill", help=kill.HELP)(kill.kill)
 app.command("prices", help=prices.HELP)(prices.prices)
@@ -52,10 +53,12 @@ def root(
     from riskkernel import paths
     from riskkernel.config import load_file
 
-    # `rk config` reads the file itself, so that `rk config init --force` can replace a broken one.
-    file = paths.config_file()
-    if file is not None and ctx.invoked_subcommand != "config":
-        ctx.default_map = load_file(file)
+    # Only the commands that take its settings read the config file: a broken one never stops `rk ledger` or
+    # `rk kill`, and `rk config` reads it itself, so that `rk config init --force` can replace a broken one.
+    if ctx.invoked_subcommand in ("run", "serve", "prices"):
+        file = paths.config_file()
+        if file is not None:
+            ctx.default_map = load_file(file)
 
 
 class Finished(Exception):

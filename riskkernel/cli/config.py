@@ -93,6 +93,10 @@ def _json_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple | list):
         return [_json_value(v) for v in value]
+    if isinstance(value, str):
+        from riskkernel.providers import redact
+
+        return redact(value, limit=None)  # a key in an upstream URL or a tag is never printed
     return value
 
 
@@ -110,7 +114,7 @@ def effective_settings(ctx: typer.Context) -> tuple[Path | None, list[Setting]]:
         source, origin = _source(parsed, key, file)
         if key == "prices_file" and value is None:
             found = paths.prices_file()
-            value, origin = (found.absolute(), "found beside the config") if found else (None, None)
+            value, origin = (found.absolute(), "found") if found else (None, None)
         settings.append(Setting(key, _json_value(value), source, origin))
     return file, settings
 

@@ -34,7 +34,7 @@ def ledger(ctx: typer.Context) -> None:
 
 @app.command("list")
 def list_runs(
-    limit: Annotated[int, typer.Option(help="How many runs, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs, newest first.")] = 20,
     since: Annotated[str | None, SINCE] = None,
     status: Annotated[list[str] | None, STATUS] = None,
     tag: Annotated[list[str] | None, TAG] = None,
@@ -43,7 +43,7 @@ def list_runs(
     """Recent runs, newest first."""
     from riskkernel.cli import output
     from riskkernel.ledger import store
-    from riskkernel.models import dumps
+    from riskkernel.models import dumps, usd
 
     which = _filter(since, status, tag)
     db = _reader()
@@ -60,7 +60,7 @@ def list_runs(
                 run.status,
                 run.halt_reason or "-",
                 run.totals.calls,
-                output.money(run.totals.cost),
+                usd(run.totals.cost),  # exact, for sort and awk
                 run.name or " ".join(run.command),
             )
             print("\t".join(map(str, fields)))
@@ -164,7 +164,7 @@ def summary(
     """Spend rolled up by model, by day or by a tag, biggest first (days in order)."""
     from riskkernel.cli import output
     from riskkernel.ledger import store
-    from riskkernel.models import Totals, Usage, dumps
+    from riskkernel.models import Totals, Usage, dumps, usd
 
     if not (by in ("model", "day") or (by.startswith("tag:") and len(by) > 4)):
         raise typer.BadParameter(f"{by!r}: use model, day or tag:KEY", param_hint="--by")
@@ -186,7 +186,7 @@ def summary(
         for line in lines:
             u = line.usage
             fields = (line.key, line.runs, line.calls, u.input_tokens, u.cached_input_tokens, u.output_tokens)
-            print("\t".join(map(str, fields)) + "\t" + output.money(line.cost))
+            print("\t".join(map(str, (*fields, usd(line.cost)))))  # exact, for sort and awk
         return
     if not lines:
         console.print("No spend recorded" + (f" since {cutoff}." if cutoff else "."))
@@ -261,7 +261,12 @@ def _filter(since: str | None, status: list[str] | None, tag: list[str] | None) 
         except ValueError:
             known = ", ".join(s.value for s in RunStatus)
             raise typer.BadParameter(f"{value!r}: use one of {known}", param_hint="--status") from None
-    tags = tuple(parse_tags(tag or []).items())
+    from riskkernel.errors import ConfigError
+
+    try:
+        tags = tuple(parse_tags(tag or []).items())
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tag") from None
     return RunFilter(since=parse_since(since) if since else None, statuses=tuple(statuses), tags=tags)
 
 
@@ -282,6 +287,8 @@ def _open_run(run_id: str) -> tuple[sqlite3.Connection, RunRecord]:
 def _find(db: sqlite3.Connection, run_id: str) -> RunRecord:
     from riskkernel.ledger import store
 
+    if not run_id.strip():
+        _fail("give a run id, or a prefix of one")
     try:
         return store.find_run(db, run_id)
     except LookupError as exc:

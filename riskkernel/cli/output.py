@@ -215,7 +215,7 @@ def markdown_summary(run: RunRecord, lines: list[ModelLine], refused: int) -> st
     used = budget_usage(run)
     out.append("Budget: " + (" · ".join(f"{d.name} {d.text} ({d.share:.0%})" for d in used) if used else "unlimited"))
     if run.halt_reason:
-        out.append(f"\n**Halted: `{run.halt_reason}`** — calls past the cap were refused (HTTP 402).")
+        out.append(f"\n**Halted: `{run.halt_reason}`** — later calls were refused (HTTP 402).")
     if refused:
         out.append(f"\n{refused} call{'s' if refused != 1 else ''} refused by rk, never sent upstream.")
     if any(line.unpriced for line in lines):

@@ -32,33 +32,87 @@ UPSTREAM = "Upstream"
 OUTPUT = "Output"
 
 
+# The options `rk serve` shares with `rk run` (declared once: the same flags, variables and config keys).
+MaxCost = Annotated[
+    str,
+    typer.Option(
+        envvar=ENV["max_cost"],
+        rich_help_panel=BUDGET,
+        help="USD for the whole run; 0 = no paid call may be made; 'unlimited' to disable.",
+    ),
+]
+MaxTokens = Annotated[
+    str, typer.Option(envvar=ENV["max_tokens"], rich_help_panel=BUDGET, help="Input + output tokens for the run.")
+]
+MaxCalls = Annotated[
+    str, typer.Option(envvar=ENV["max_calls"], rich_help_panel=BUDGET, help="Metered LLM calls for the run.")
+]
+MaxTime = Annotated[
+    str,
+    typer.Option(
+        envvar=ENV["max_time"],
+        rich_help_panel=BUDGET,
+        help="Wall clock from the start of the run: 90, 90s, 15m, 2h.",
+    ),
+]
+OpenAIUpstream = Annotated[
+    str | None,
+    typer.Option(
+        envvar=ENV["openai_upstream"],
+        rich_help_panel=UPSTREAM,
+        show_default=False,
+        help="Where OpenAI calls go. Default: the OPENAI_BASE_URL rk was started with, else https://api.openai.com/v1.",
+    ),
+]
+AnthropicUpstream = Annotated[
+    str | None,
+    typer.Option(
+        envvar=ENV["anthropic_upstream"],
+        rich_help_panel=UPSTREAM,
+        show_default=False,
+        help="Where Anthropic calls go. Default: the ANTHROPIC_BASE_URL rk was started with, else "
+        "https://api.anthropic.com.",
+    ),
+]
+Mock = Annotated[
+    bool,
+    typer.Option(
+        "--mock",
+        envvar=ENV["mock"],
+        rich_help_panel=UPSTREAM,
+        help="Answer calls with rk's own deterministic fake replies, priced at the real price: no key, no network.",
+    ),
+]
+AllowUnpriced = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unpriced",
+        envvar=ENV["allow_unpriced"],
+        rich_help_panel=PRICES,
+        help="Let calls to models with no known price through, flagged unpriced, instead of refusing them.",
+    ),
+]
+AllowUnmetered = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unmetered",
+        envvar=ENV["allow_unmetered"],
+        rich_help_panel=UPSTREAM,
+        help="Forward calls to routes rk does not meter (files, images, audio…) under a cost budget, "
+        "recorded as unmetered, instead of refusing them.",
+    ),
+]
+
+
 def run(
     ctx: typer.Context,
     command: Annotated[
         list[str], typer.Argument(metavar="CMD", help="The agent command and its arguments, after --, verbatim.")
     ],
-    max_cost: Annotated[
-        str,
-        typer.Option(
-            envvar=ENV["max_cost"],
-            rich_help_panel=BUDGET,
-            help="USD for the whole run; 0 = no paid call may be made; 'unlimited' to disable.",
-        ),
-    ] = DEFAULT_MAX_COST,
-    max_tokens: Annotated[
-        str, typer.Option(envvar=ENV["max_tokens"], rich_help_panel=BUDGET, help="Input + output tokens for the run.")
-    ] = UNLIMITED,
-    max_calls: Annotated[
-        str, typer.Option(envvar=ENV["max_calls"], rich_help_panel=BUDGET, help="Metered LLM calls for the run.")
-    ] = UNLIMITED,
-    max_time: Annotated[
-        str,
-        typer.Option(
-            envvar=ENV["max_time"],
-            rich_help_panel=BUDGET,
-            help="Wall clock from the start of the run: 90, 90s, 15m, 2h.",
-        ),
-    ] = UNLIMITED,
+    max_cost: MaxCost = DEFAULT_MAX_COST,
+    max_tokens: MaxTokens = UNLIMITED,
+    max_calls: MaxCalls = UNLIMITED,
+    max_time: MaxTime = UNLIMITED,
     on_halt: Annotated[
         OnHalt,
         typer.Option(
@@ -74,56 +128,13 @@ def run(
             envvar=ENV["grace"], rich_help_panel=BUDGET, help="Seconds between SIGTERM and SIGKILL when terminating."
         ),
     ] = 10.0,
-    openai_upstream: Annotated[
-        str | None,
-        typer.Option(
-            envvar=ENV["openai_upstream"],
-            rich_help_panel=UPSTREAM,
-            show_default=False,
-            help="Where OpenAI calls go. Default: the OPENAI_BASE_URL rk was started with, else "
-            "https://api.openai.com/v1.",
-        ),
-    ] = None,
-    anthropic_upstream: Annotated[
-        str | None,
-        typer.Option(
-            envvar=ENV["anthropic_upstream"],
-            rich_help_panel=UPSTREAM,
-            show_default=False,
-            help="Where Anthropic calls go. Default: the ANTHROPIC_BASE_URL rk was started with, else "
-            "https://api.anthropic.com.",
-        ),
-    ] = None,
-    mock: Annotated[
-        bool,
-        typer.Option(
-            "--mock",
-            envvar=ENV["mock"],
-            rich_help_panel=UPSTREAM,
-            help="Answer calls with rk's own deterministic fake replies, priced at the real price: no key, no network.",
-        ),
-    ] = False,
+    openai_upstream: OpenAIUpstream = None,
+    anthropic_upstream: AnthropicUpstream = None,
+    mock: Mock = False,
     price: PriceFlags = None,
     prices_file: PricesFile = None,
-    allow_unpriced: Annotated[
-        bool,
-        typer.Option(
-            "--allow-unpriced",
-            envvar=ENV["allow_unpriced"],
-            rich_help_panel=PRICES,
-            help="Let calls to models with no known price through, flagged unpriced, instead of refusing them.",
-        ),
-    ] = False,
-    allow_unmetered: Annotated[
-        bool,
-        typer.Option(
-            "--allow-unmetered",
-            envvar=ENV["allow_unmetered"],
-            rich_help_panel=UPSTREAM,
-            help="Forward calls to routes rk does not meter (files, images, audio…) under a cost budget, "
-            "recorded as unmetered, instead of refusing them.",
-        ),
-    ] = False,
+    allow_unpriced: AllowUnpriced = False,
+    allow_unmetered: AllowUnmetered = False,
     json_file: Annotated[
         Path | None,
         typer.Option("--json", metavar="FILE", rich_help_panel=OUTPUT, help="Also write the run's summary as JSON."),

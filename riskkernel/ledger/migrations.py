@@ -117,9 +117,10 @@ def m002_cache_savings(db: sqlite3.Connection) -> None:
 
 @migration
 def m003_call_rollups(db: sqlite3.Connection) -> None:
-    """A finished run's counted calls summed per UTC day and model, written when the run ends, so that
-    `rk ledger summary` reads thousands of rollups rather than millions of calls. Backfilled here (the
-    statement is a copy, as of this migration, of the one the store runs when a run ends)."""
+    """A run's counted calls summed per UTC day and model, so that `rk ledger summary` reads thousands of
+    rollups rather than millions of calls. Triggers keep them: written when a run ends (whichever rk ends
+    it, or a reader marking it interrupted), dropped when a run is taken up again (a running run's calls are
+    read directly). Backfilled here for the runs already ended."""
     db.execute(
         """
         CREATE TABLE call_rollups (
@@ -138,15 +139,32 @@ def m003_call_rollups(db: sqlite3.Connection) -> None:
         """
     )
     db.execute("CREATE INDEX call_rollups_day ON call_rollups (day)")
-    db.execute(
-        """
+    rollup = """
         INSERT INTO call_rollups
         SELECT run_id, substr(started_at, 1, 10), coalesce(model, requested_model, '?'), count(*),
                sum(input_tokens), sum(cached_input_tokens), sum(cache_write_tokens), sum(output_tokens),
                sum(reasoning_tokens), sum(cost_pusd)
         FROM calls
-        WHERE instr(flags, 'refused') = 0 AND instr(flags, 'unmetered') = 0
-          AND run_id IN (SELECT id FROM runs WHERE status != 'running')
+        WHERE instr(flags, 'refused') = 0 AND instr(flags, 'unmetered') = 0 AND run_id {}
         GROUP BY 1, 2, 3
+    """
+    db.execute(
+        f"""
+        CREATE TRIGGER call_rollups_on_end AFTER UPDATE OF status ON runs
+        WHEN NEW.status != 'running' AND OLD.status = 'running'
+        BEGIN
+            DELETE FROM call_rollups WHERE run_id = NEW.id;
+            {rollup.format("= NEW.id")};
+        END
         """
     )
+    db.execute(
+        """
+        CREATE TRIGGER call_rollups_on_resume AFTER UPDATE OF status ON runs
+        WHEN NEW.status = 'running' AND OLD.status != 'running'
+        BEGIN
+            DELETE FROM call_rollups WHERE run_id = NEW.id;
+        END
+        """
+    )
+    db.execute(rollup.format("IN (SELECT id FROM runs WHERE status != 'running')"))

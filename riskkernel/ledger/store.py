@@ -271,23 +271,29 @@ _TOTALS = (
 # A run's row holds its totals once it has ended; while it runs, readers sum its calls.
 _STORE_TOTALS = f"UPDATE runs SET ({', '.join(_TOTAL_COLUMNS)}) = ({_TOTALS}) WHERE id = ?"
 _MODEL = "coalesce(model, requested_model, '?')"  # a call's model for people: as served, else as requested
-_ROLLUP_SUMS = ", ".join(f"sum({c})" for c in (*USAGE_COLUMNS, "cost_pusd"))
-# ... and its counted calls summed per UTC day and model, which is what `summary` reads.
-_STORE_ROLLUPS = (
-    f"INSERT OR REPLACE INTO call_rollups SELECT run_id, substr(started_at, 1, 10), {_MODEL}, count(*), "
-    f"{_ROLLUP_SUMS} FROM calls WHERE run_id = ? AND {_COUNTED} GROUP BY 1, 2, 3"
-)
+# When a run ends, triggers (migration m003) sum its counted calls per UTC day and model into `call_rollups`,
+# which is what `summary` reads for runs that have ended.
 
 
 def finish_run(run_id: str, status: RunStatus, halt_reason: str | None, exit_status: int | None) -> Write:
     return (
         (_FINISH_RUN, (str(status), halt_reason, exit_status, now_iso(), run_id)),
         (_STORE_TOTALS, (run_id, run_id)),
-        (_STORE_ROLLUPS, (run_id,)),
     )
 
 
 _FINISH_RUN = "UPDATE runs SET status = ?, halt_reason = ?, exit_status = ?, ended_at = ? WHERE id = ?"
+
+
+def record_halt(run_id: str, reason: str) -> Write:
+    """A live run's halt, kept at once (its status stays `running` until it ends), so that an owner that
+    starts again after a crash finds the run still halted."""
+    return (("UPDATE runs SET halt_reason = ? WHERE id = ? AND halt_reason IS NULL", (reason, run_id)),)
+
+
+def reopen_run(run_id: str, owner: str) -> Write:
+    """A run taken over by a new owner (an `rk serve` started again on the same ledger)."""
+    return (("UPDATE runs SET status = 'running', owner = ?, ended_at = NULL WHERE id = ?", (owner, run_id)),)
 
 
 _CALL_COLUMNS = (
@@ -352,7 +358,6 @@ def mark_interrupted(db: sqlite3.Connection) -> None:
                     (run_id,),
                 )
                 db.execute(_STORE_TOTALS, (run_id, run_id))
-                db.execute(_STORE_ROLLUPS, (run_id,))
 
 
 def _run_from_row(db: sqlite3.Connection, row: tuple[Any, ...]) -> RunRecord:
@@ -416,20 +421,25 @@ def iter_runs(
         yield _run_from_row(db, row)
 
 
-def find_run(db: sqlite3.Connection, prefix: str) -> RunRecord:
-    """The run whose id is, or starts with, `prefix`. LookupError if none or several."""
+def find_run(db: sqlite3.Connection, prefix: str, exact: bool = False) -> RunRecord:
+    """The run whose id is, or (unless `exact`) starts with, `prefix`. LookupError if none or several."""
     rows = db.execute(
         f"SELECT {_RUN_COLUMNS} FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
         (prefix, prefix + "\U0010ffff"),
     ).fetchall()
-    exact = [row for row in rows if row[0] == prefix]
-    if exact:
-        return _run_from_row(db, exact[0])
-    if not rows:
+    same = [row for row in rows if row[0] == prefix]
+    if same:
+        return _run_from_row(db, same[0])
+    if not rows or exact:
         raise LookupError(f"no run with id {prefix!r}")
     if len(rows) > 1:
         raise LookupError(f"{prefix!r} matches several runs; give more of the id")
     return _run_from_row(db, rows[0])
+
+
+def last_seq(db: sqlite3.Connection, run_id: str) -> int:
+    """The sequence number of a run's last call recorded, 0 if none."""
+    return int(db.execute("SELECT coalesce(max(seq), 0) FROM calls WHERE run_id = ?", (run_id,)).fetchone()[0])
 
 
 def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:

@@ -75,6 +75,7 @@ class ErrorKind(StrEnum):
     INVALID = "invalid"  # 400: rk cannot read the request
     TOO_LARGE = "too_large"  # 413: the request body is over rk's limit
     NOT_FOUND = "not_found"  # 404: not a route rk serves
+    AUTH = "auth"  # 401: `rk serve`'s token is missing or wrong
     BUDGET = "budget"  # 402: a budget refusal, or the run is halted
     REFUSED = "refused"  # 402: a call rk will not forward (an unpriced model, an unmetered endpoint)
     UPSTREAM = "upstream"  # 502: the upstream could not be reached or broke off

@@ -38,6 +38,7 @@ _TYPES = {
     ErrorKind.INVALID: "invalid_request_error",
     ErrorKind.TOO_LARGE: "request_too_large",
     ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.AUTH: "authentication_error",
     ErrorKind.BUDGET: "billing_error",
     ErrorKind.REFUSED: "invalid_request_error",
     ErrorKind.UPSTREAM: "api_error",

@@ -49,6 +49,7 @@ _TYPES = {
     ErrorKind.INVALID: "invalid_request_error",
     ErrorKind.TOO_LARGE: "invalid_request_error",
     ErrorKind.NOT_FOUND: "invalid_request_error",
+    ErrorKind.AUTH: "invalid_request_error",
     ErrorKind.BUDGET: "budget_exceeded",
     ErrorKind.REFUSED: "invalid_request_error",
     ErrorKind.UPSTREAM: "upstream_error",

@@ -17,22 +17,24 @@ from aiohttp import web
 from riskkernel import __version__
 from riskkernel.control import AUTHORIZATION
 from riskkernel.models import RunStatus, usd
-from riskkernel.proxy.run import LiveRun
+from riskkernel.proxy.run import LiveRun, Runs
 
 TOKEN = web.AppKey("control_token", str)
-RUNS: web.AppKey[Callable[[], list[LiveRun]]] = web.AppKey("control_runs")
+RUNS = web.AppKey("control_runs", Runs)
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def add_routes(app: web.Application, token: str, runs: Callable[[], list[LiveRun]]) -> None:
-    """The `/rk` routes, for the runs `runs()` gives, behind `token`. Add them before any catch-all route."""
+def add_routes(app: web.Application, token: str, runs: Runs) -> None:
+    """The `/rk` routes for `runs`, behind `token`. Add them before any catch-all route."""
     app[TOKEN] = token
     app[RUNS] = runs
     app.router.add_get("/rk/health", _health)
     app.router.add_get("/rk/runs", _authenticated(_list))
     app.router.add_get("/rk/runs/{run_id}", _authenticated(_show))
+    app.router.add_post("/rk/runs", _authenticated(_create))
     app.router.add_post("/rk/runs/{run_id}/kill", _authenticated(_kill))
+    app.router.add_post("/rk/runs/{run_id}/finish", _authenticated(_finish))
     app.router.add_route("*", "/rk/{tail:.*}", _authenticated(_unknown))
 
 
@@ -78,7 +80,7 @@ def _status(run: LiveRun) -> dict[str, Any]:
 
 def _find(request: web.Request) -> LiveRun | None:
     wanted = request.match_info["run_id"]
-    return next((run for run in request.app[RUNS]() if run.id == wanted), None)
+    return request.app[RUNS].get(wanted)
 
 
 def _not_live(request: web.Request) -> web.Response:
@@ -86,7 +88,7 @@ def _not_live(request: web.Request) -> web.Response:
 
 
 async def _list(request: web.Request) -> web.Response:
-    return _reply(200, {"runs": [_status(run) for run in request.app[RUNS]()]})
+    return _reply(200, {"runs": [_status(run) for run in request.app[RUNS].live()]})
 
 
 async def _show(request: web.Request) -> web.Response:
@@ -104,6 +106,34 @@ async def _kill(request: web.Request) -> web.Response:
     in_flight = len(run.calls)
     run.kill()
     return _reply(200, {**_status(run), "killed": before is None, "was_halted": before, "cut": in_flight})
+
+
+async def _create(request: web.Request) -> web.Response:
+    """A new run, from `{"run_id"?, "name"?, "tags"?, "budget"?}` (the budget in the shape runs are shown
+    with; what it leaves out is the server's default): its status and the base URLs its clients should use."""
+    try:
+        spec = await request.json() if request.can_read_body else {}
+        if not isinstance(spec, dict):
+            raise ValueError("the body must be a JSON object")
+        run = await request.app[RUNS].create(spec)
+    except ValueError as exc:
+        return _error(400, "invalid_run", f"rk: cannot create the run: {exc}")
+    base = f"{request.scheme}://{request.host}/" + request.app[RUNS].prefix(run)
+    urls = {"openai_base_url": base + "v1", "anthropic_base_url": base.rstrip("/")}
+    return _reply(201, {**_status(run), **urls})
+
+
+async def _finish(request: web.Request) -> web.Response:
+    """End a run: no more calls; its row in the ledger is final (`completed`, or `halted`)."""
+    run = _find(request)
+    if run is None:
+        return _not_live(request)
+    try:
+        await request.app[RUNS].finish(run)
+    except ValueError as exc:
+        return _error(409, "cannot_finish", f"rk: {exc}")
+    status = _status(run)
+    return _reply(200, {**status, "status": "halted" if run.governor.halt_reason else "completed"})
 
 
 async def _unknown(request: web.Request) -> web.Response:

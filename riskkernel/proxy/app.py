@@ -50,7 +50,7 @@ from riskkernel.providers import (
 from riskkernel.providers.catalog import ENDPOINTS, FREE_POSTS, provider_for
 from riskkernel.providers.sse import SSEDecoder
 from riskkernel.proxy import api
-from riskkernel.proxy.run import LiveCall, LiveRun
+from riskkernel.proxy.run import LiveCall, LiveRun, Runs
 
 log = logging.getLogger("riskkernel")
 
@@ -83,11 +83,12 @@ _RK_PREFIX = "x-riskkernel-"
 
 @dataclass
 class Proxy:
-    """What the proxy serves: one run (for `rk run`), where each provider's upstream is, and prices."""
+    """What the proxy serves: its runs (one for `rk run`), where each provider's upstream is, and prices."""
 
-    run: LiveRun
+    runs: Runs
     upstreams: dict[str, str]  # provider -> base URL, e.g. {"openai": "https://api.openai.com/v1"}
     control_token: str | None = None  # serve the /rk API behind this bearer token
+    prefixed: bool = False  # routes may carry a prefix (`/run/ID/v1/...`) that `runs` resolves
     prices: PriceBook = field(default_factory=PriceBook)
     allow_unpriced: bool = False
     allow_unmetered: bool = False
@@ -124,14 +125,17 @@ def make_app(proxy: Proxy) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[PROXY] = proxy
     app.cleanup_ctx.append(_client_session)
+    # Under `rk serve`, a route may start with a prefix naming the run (and carrying the token), so that an
+    # unmodified client is grouped by its base URL alone: `/run/ID/v1/...`, `/t/TOKEN/run/ID/v1/...`.
+    pre = "/{prefix:" + PREFIX + "}" if proxy.prefixed else "/"
     for endpoint in ENDPOINTS:
-        app.router.add_post(endpoint.path, _handler(endpoint))
+        app.router.add_post(pre + endpoint.path[1:], _handler(endpoint))
     for path in FREE_POSTS:
-        app.router.add_post(path, _free)
-    app.router.add_route("GET", "/v1/{tail:.*}", _free)  # (HEAD too)
-    app.router.add_route("*", "/v1/{tail:.*}", _unmetered)
+        app.router.add_post(pre + path[1:], _free)
+    app.router.add_route("GET", pre + "v1/{tail:.*}", _free)  # (HEAD too)
+    app.router.add_route("*", pre + "v1/{tail:.*}", _unmetered)
     if proxy.control_token is not None:
-        api.add_routes(app, proxy.control_token, lambda: [proxy.run])
+        api.add_routes(app, proxy.control_token, proxy.runs)
     app.router.add_route("*", "/{tail:.*}", _not_served)
     return app
 
@@ -151,6 +155,26 @@ async def _not_served(request: web.Request) -> web.Response:
     message = f"rk: {request.method} {request.path} is not a route rk serves"
     body = provider_for(request.path, request.headers).error_body(message, ErrorKind.NOT_FOUND, "unknown_route")
     return _json_response(404, body)
+
+
+RUN_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # what a run id may be: safe in a path, a header, a file name
+PREFIX = rf"(?:t/[A-Za-z0-9_-]{{1,128}}/)?(?:run/{RUN_ID}/)?"
+
+
+def client_path(request: web.Request, raw: bool = False) -> str:
+    """The request's path (or raw path, query included) as if sent to an unprefixed base URL."""
+    path = request.raw_path if raw else request.path
+    prefix = request.match_info.get("prefix", "")
+    return "/" + path[1 + len(prefix) :] if prefix else path
+
+
+async def _resolve(request: web.Request, provider: Provider) -> LiveRun | web.Response:
+    """The run the request belongs to, or the answer that says why it has none."""
+    found = await request.app[PROXY].runs.resolve(request)
+    if isinstance(found, LiveRun):
+        return found
+    kind = {401: ErrorKind.AUTH, 404: ErrorKind.NOT_FOUND}.get(found.status, ErrorKind.INVALID)
+    return _json_response(found.status, provider.error_body(found.message, kind, found.code))
 
 
 def _handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -200,9 +224,11 @@ async def _rates(prices: PriceBook, model: str, provider: str, tier: str | None)
 class _Call:
     """One admitted-or-refused call on its way through the proxy: what it records, how it answers."""
 
-    def __init__(self, proxy: Proxy, endpoint: Endpoint, request: web.Request, req: Request, rates: Rates | None):
+    def __init__(
+        self, proxy: Proxy, run: LiveRun, endpoint: Endpoint, request: web.Request, req: Request, rates: Rates | None
+    ):
         self.proxy = proxy
-        self.run = proxy.run
+        self.run = run
         self.endpoint = endpoint
         self.request = request
         self.req = req
@@ -332,8 +358,17 @@ class _Call:
 
 
 async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    run = await _resolve(request, endpoint.provider)
+    if not isinstance(run, LiveRun):
+        return run
+    try:
+        return await _forward_in(request, endpoint, run)
+    finally:
+        await request.app[PROXY].runs.release(run)
+
+
+async def _forward_in(request: web.Request, endpoint: Endpoint, run: LiveRun) -> web.StreamResponse:
     proxy = request.app[PROXY]
-    run = proxy.run
     try:
         client_body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -345,7 +380,7 @@ async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespon
         return _json_response(400, endpoint.error_body(str(exc), ErrorKind.INVALID, "invalid_request"))
 
     rates = await _rates(proxy.prices, req.model, endpoint.provider.name, req.service_tier)
-    call = _Call(proxy, endpoint, request, req, rates)
+    call = _Call(proxy, run, endpoint, request, req, rates)
     governor = run.governor
     run.check_time()
     if governor.halt_reason is not None:
@@ -427,7 +462,7 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
     proxy, endpoint, req = call.proxy, call.endpoint, call.req
     provider = endpoint.provider
     base = proxy.upstreams[provider.name]
-    url = provider.upstream_url(base, call.request.raw_path)
+    url = provider.upstream_url(base, client_path(call.request, raw=True))
     session = call.request.app[SESSION]
     # aiohttp writes a large body in slices, yielding to the loop between them, only from a file object.
     data = req.body if len(req.body) <= 2**20 else io.BytesIO(req.body)
@@ -613,9 +648,18 @@ async def _unmetered(request: web.Request) -> web.StreamResponse:
 async def _pass_through(request: web.Request, *, free: bool) -> web.StreamResponse:
     """Forward a call rk does not meter, streamed both ways, and record it as unmetered. A call that is not
     free is refused while a cost budget is set, unless `--allow-unmetered`: its spend could not count."""
+    provider = provider_for(client_path(request), request.headers)
+    run = await _resolve(request, provider)
+    if not isinstance(run, LiveRun):
+        return run
+    try:
+        return await _pass_through_in(request, provider, run, free)
+    finally:
+        await request.app[PROXY].runs.release(run)
+
+
+async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRun, free: bool) -> web.StreamResponse:
     proxy = request.app[PROXY]
-    run = proxy.run
-    provider = provider_for(request.path, request.headers)
     seq = run.next_seq()
     started, started_at = time.monotonic(), now_iso()
 
@@ -624,7 +668,7 @@ async def _pass_through(request: web.Request, *, free: bool) -> web.StreamRespon
             run_id=run.id,
             seq=seq,
             started_at=started_at,
-            endpoint=request.path,
+            endpoint=client_path(request),
             provider=provider.name,
             requested_model=None,
             model=None,
@@ -648,7 +692,7 @@ async def _pass_through(request: web.Request, *, free: bool) -> web.StreamRespon
         await record(402, (Flag.REFUSED,), reason)
         return _refusal(provider, reason, message, _rk_headers(run, seq))
 
-    url = provider.upstream_url(proxy.upstreams[provider.name], request.raw_path)
+    url = provider.upstream_url(proxy.upstreams[provider.name], client_path(request, raw=True))
     headers = _upstream_headers(request.headers)
     if request.content_length is not None:  # sent as the client sent it, not re-chunked
         headers["Content-Length"] = str(request.content_length)
@@ -715,6 +759,6 @@ async def _pass_through(request: web.Request, *, free: bool) -> web.StreamRespon
 
 def _unmetered_message(request: web.Request, run_id: str) -> str:
     return (
-        f"rk: {request.method} {request.path} is not metered by rk, so its cost could not count against the"
+        f"rk: {request.method} {client_path(request)} is not metered by rk, so its cost could not count against the"
         f" cost budget — let it through with --allow-unmetered (run {run_id[:8]}…)"
     )

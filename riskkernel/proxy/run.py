@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, Protocol
 
 import aiohttp
+from aiohttp import web
 
 from riskkernel.governor import Governor, Ticket
-from riskkernel.ledger.store import Ledger
+from riskkernel.ledger.store import Ledger, record_halt
 from riskkernel.models import HaltReason, RunRecord
 
 _CUTS_EVERY_CALL = frozenset({HaltReason.KILLED, HaltReason.TIME})
@@ -47,14 +50,14 @@ class LiveCall:
 
 
 class LiveRun:
-    def __init__(self, record: RunRecord, ledger: Ledger) -> None:
+    def __init__(self, record: RunRecord, ledger: Ledger, last_seq: int = 0) -> None:
         self.record = record
         self.id = record.run_id
         self.ledger = ledger
         self.governor = Governor(record.budget, record.run_id, time.monotonic())
         self.calls: set[LiveCall] = set()
         self.halt_listeners: list[Callable[[HaltReason], None]] = []
-        self._seq = 0
+        self._seq = last_seq  # calls are numbered on from here (a run resumed by a new owner goes on)
         self._timer: asyncio.TimerHandle | None = None
 
     def next_seq(self) -> int:
@@ -102,10 +105,77 @@ class LiveRun:
             self.halted(HaltReason.TIME)
 
     def halted(self, reason: HaltReason) -> None:
-        """The governor has just halted the run: cut its streams and tell the listeners."""
+        """The governor has just halted the run: keep the halt in the ledger, cut its streams, and tell the
+        listeners."""
+        self.ledger.submit(record_halt(self.id, reason))  # not awaited: a halt never waits on the disk
         self.stop_clock()
         for call in list(self.calls):
             if call.streaming or reason in _CUTS_EVERY_CALL:
                 call.cut(reason)
         for listener in self.halt_listeners:
             listener(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """Why a request has no run to go to: an error the proxy answers in the provider's shape."""
+
+    status: int
+    code: str
+    message: str
+
+
+class Runs(Protocol):
+    """The runs a proxy serves, and which one a request belongs to."""
+
+    def live(self) -> list[LiveRun]: ...
+
+    def get(self, run_id: str) -> LiveRun | None: ...
+
+    async def resolve(self, request: web.Request) -> LiveRun | Unresolved:
+        """The run a proxied request belongs to (its path prefix is in `match_info["prefix"]`)."""
+        ...
+
+    async def release(self, run: LiveRun) -> None:
+        """A call of `run` is over (a single-call run ends here)."""
+        ...
+
+    async def create(self, spec: dict[str, Any]) -> LiveRun:
+        """A new run from a `POST /rk/runs` body; ValueError if the body is wrong."""
+        ...
+
+    async def finish(self, run: LiveRun) -> None:
+        """End a run: its row is final in the ledger and it leaves memory."""
+        ...
+
+    def prefix(self, run: LiveRun) -> str:
+        """The path prefix (`run/ID/`, with the token if one is needed) a client of `run` puts before `v1/`."""
+        ...
+
+
+class OneRun:
+    """`rk run`: every call belongs to its one run, which ends when the agent does."""
+
+    def __init__(self, run: LiveRun) -> None:
+        self.run = run
+
+    def live(self) -> list[LiveRun]:
+        return [self.run]
+
+    def get(self, run_id: str) -> LiveRun | None:
+        return self.run if run_id == self.run.id else None
+
+    async def resolve(self, request: web.Request) -> LiveRun | Unresolved:
+        return self.run
+
+    async def release(self, run: LiveRun) -> None:
+        pass
+
+    async def create(self, spec: dict[str, Any]) -> LiveRun:
+        raise ValueError("rk run serves one run: start another rk run, or use rk serve")
+
+    async def finish(self, run: LiveRun) -> None:
+        raise ValueError("an rk run's run ends when its agent exits")
+
+    def prefix(self, run: LiveRun) -> str:
+        return ""

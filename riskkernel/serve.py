@@ -1,0 +1,369 @@
+"""`rk serve`: one long-lived proxy for many runs, each with its own budget, ledger rows and kill switch.
+
+A call belongs to the run its `X-RiskKernel-Run-Id` header names, else the run its path prefix names
+(`/run/ID/v1/...`, so an unmodified client is grouped by its base URL alone), else to a fresh run of its
+own, which ends with the call. A run named for the first time is created with the server's default budget
+(or made with `POST /rk/runs`, with a budget of its own); a run this server (or an earlier one on the same
+ledger) has served and not ended is picked up again with what it spent and its halt, so a restart never
+resets a meter or re-opens a halted run. A run ends with `POST /rk/runs/ID/finish`, and then leaves memory.
+
+With `--auth-token`, every call must carry the token (`X-RiskKernel-Token`, or a `/t/TOKEN/` path prefix)
+and the `/rk` API takes it as its bearer token; without one, the server only listens on loopback and its
+`/rk` API takes a per-process token kept in a private file in the data dir (see `riskkernel.control`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from riskkernel import control, paths
+from riskkernel.config import RunSettings, parse_cost, parse_count, parse_duration
+from riskkernel.errors import ConfigError
+from riskkernel.governor import Spend
+from riskkernel.ledger import store
+from riskkernel.ledger.store import Ledger, owner_id
+from riskkernel.models import Budget, HaltReason, RunRecord, RunStatus, now_iso
+from riskkernel.proxy import serve as listen
+from riskkernel.proxy.app import RUN_ID, Proxy, make_app
+from riskkernel.proxy.mock import make_mock_app
+from riskkernel.proxy.run import LiveRun, Unresolved
+from riskkernel.runner import new_run_id, upstreams
+
+SERVE_COMMAND = ("rk", "serve")  # the command of the runs a server creates: how a restarted one knows them
+TOKEN_HEADER = "X-RiskKernel-Token"
+RUN_HEADER = "X-RiskKernel-Run-Id"
+_PREFIX = re.compile(r"(?:t/(?P<token>[^/]+)/)?(?:run/(?P<run>[^/]+)/)?")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    defaults: RunSettings  # the budget and proxy settings of the runs it creates
+    host: str = "127.0.0.1"
+    port: int = 7070
+    auth_token: str | None = None
+    shutdown_grace: float = 10.0
+
+
+class ServedRuns:
+    """The runs an `rk serve` holds in memory: those live now. Implements `riskkernel.proxy.run.Runs`."""
+
+    def __init__(self, ledger: Ledger, defaults: RunSettings, auth_token: str | None) -> None:
+        self.ledger = ledger
+        self.defaults = defaults
+        self.auth_token = auth_token
+        self.owner = owner_id()
+        self.runs: dict[str, LiveRun] = {}
+        self.single: set[str] = set()  # runs of one call, which end with it
+        self._opening: dict[str, asyncio.Future[LiveRun | Unresolved]] = {}
+
+    def live(self) -> list[LiveRun]:
+        return list(self.runs.values())
+
+    def get(self, run_id: str) -> LiveRun | None:
+        return self.runs.get(run_id)
+
+    def prefix(self, run: LiveRun) -> str:
+        return (f"t/{self.auth_token}/" if self.auth_token else "") + f"run/{run.id}/"
+
+    async def resolve(self, request: web.Request) -> LiveRun | Unresolved:
+        match = _PREFIX.fullmatch(request.match_info.get("prefix", ""))
+        path_token, path_run = (match.group("token"), match.group("run")) if match else (None, None)
+        if self.auth_token is not None:
+            given = request.headers.get(TOKEN_HEADER) or path_token or ""
+            if not hmac.compare_digest(given.encode(), self.auth_token.encode()):
+                return Unresolved(
+                    401,
+                    "unauthorized",
+                    f"rk: this rk serve needs its token — send it as {TOKEN_HEADER}, or put /t/TOKEN/ before"
+                    " the run's path in the base URL",
+                )
+        run_id = request.headers.get(RUN_HEADER) or path_run
+        if run_id is None:
+            run = await self._start(self._record(new_run_id(), None, {}, self.defaults.budget))
+            self.single.add(run.id)
+            return run
+        if not re.fullmatch(RUN_ID, run_id):
+            return Unresolved(
+                400, "invalid_run_id", "rk: a run id is 1 to 64 letters, digits, '.', '_' or '-', starting alphanumeric"
+            )
+        return self.runs.get(run_id) or await self._open(run_id)
+
+    async def release(self, run: LiveRun) -> None:
+        if run.id in self.single and run.id in self.runs:
+            await self.finish(run)
+
+    async def create(self, spec: dict[str, Any]) -> LiveRun:
+        unknown = set(spec) - {"run_id", "name", "tags", "budget"}
+        if unknown:
+            raise ValueError(f"unknown field {sorted(unknown)[0]!r} (known: run_id, name, tags, budget)")
+        run_id = spec.get("run_id") or new_run_id()
+        if not isinstance(run_id, str) or not re.fullmatch(RUN_ID, run_id):
+            raise ValueError("run_id must be 1 to 64 letters, digits, '.', '_' or '-', starting alphanumeric")
+        name = spec.get("name")
+        tags = spec.get("tags") or {}
+        if name is not None and not isinstance(name, str):
+            raise ValueError("name must be a string")
+        if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+            raise ValueError("tags must be an object of strings")
+        budget = _budget(spec.get("budget") or {}, self.defaults.budget)
+        if run_id in self.runs or await asyncio.to_thread(self._known, run_id):
+            raise ValueError(f"run {run_id!r} exists already")
+        return await self._start(self._record(run_id, name, tags, budget))
+
+    async def finish(self, run: LiveRun) -> None:
+        """End the run: its calls still in flight are cut, its row is made final, and it leaves memory."""
+        if self.runs.pop(run.id, None) is None:
+            return
+        self.single.discard(run.id)
+        run.stop_clock()
+        for call in list(run.calls):
+            call.cut(HaltReason.KILLED)
+        while run.calls:  # their rows are written before the run's totals are
+            await asyncio.sleep(0.01)
+        halt = run.governor.halt_reason
+        status = RunStatus.HALTED if halt is not None else RunStatus.COMPLETED
+        await self.ledger.commit(store.finish_run(run.id, status, halt, None))
+
+    # -- runs coming to life --------------------------------------------------------------------------
+
+    def _record(self, run_id: str, name: str | None, tags: dict[str, str], budget: Budget) -> RunRecord:
+        return RunRecord(
+            run_id=run_id,
+            name=name,
+            command=SERVE_COMMAND,
+            cwd=os.getcwd(),
+            started_at=now_iso(),
+            budget=budget,
+            tags=tags,
+            owner=self.owner,
+        )
+
+    async def _start(
+        self, record: RunRecord, spent: Spend | None = None, halt: str | None = None, last_seq: int = 0
+    ) -> LiveRun:
+        """A run in memory, live: new (its row written first), or resumed."""
+        if spent is None:
+            await self.ledger.commit(store.insert_run(record))
+        run = LiveRun(record, self.ledger, last_seq)
+        if spent is not None:
+            elapsed = time.time() - _epoch(record.started_at)
+            run.governor.started = time.monotonic() - elapsed  # the time budget runs from the run's start
+            run.governor.resume(spent, HaltReason(halt) if halt else None)
+
+        self.runs[run.id] = run
+        run.start_clock()
+        return run
+
+    async def _open(self, run_id: str) -> LiveRun | Unresolved:
+        """A run named for the first time in this process: resumed if an earlier server left it unended, new
+        if the ledger has never seen it, refused if it has ended or belongs to another process."""
+        pending = self._opening.get(run_id)
+        if pending is not None:  # calls racing to open the same run get the same one
+            return await asyncio.shield(pending)
+        future: asyncio.Future[LiveRun | Unresolved] = asyncio.get_running_loop().create_future()
+        self._opening[run_id] = future
+        try:
+            found = await asyncio.to_thread(self._load, run_id)
+            if found is None:
+                result: LiveRun | Unresolved = await self._start(self._record(run_id, None, {}, self.defaults.budget))
+            elif isinstance(found, Unresolved):
+                result = found
+            else:
+                record, spent, last_seq = found
+                await self.ledger.commit(store.reopen_run(run_id, self.owner))
+                result = await self._start(record, spent, record.halt_reason, last_seq)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._opening[run_id]
+
+    def _load(self, run_id: str) -> tuple[RunRecord, Spend, int] | Unresolved | None:
+        db = store.open_reader(self.ledger.path)
+        if db is None:
+            return None
+        try:
+            try:
+                record = store.find_run(db, run_id, exact=True)
+            except LookupError:
+                return None
+            if record.command != SERVE_COMMAND or record.status not in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
+                ended = f"{record.status}" + (f": {record.halt_reason}" if record.halt_reason else "")
+                return Unresolved(410, "run_ended", f"rk: run {run_id} has ended ({ended}); start a new run")
+            if record.status is RunStatus.RUNNING and record.owner != self.owner:
+                return Unresolved(409, "run_owned", f"rk: run {run_id} is served by another live rk process")
+            t = record.totals
+            return record, Spend(t.cost, t.usage.total_tokens, t.calls), store.last_seq(db, run_id)
+        finally:
+            db.close()
+
+    def _known(self, run_id: str) -> bool:
+        db = store.open_reader(self.ledger.path)
+        if db is None:
+            return False
+        try:
+            store.find_run(db, run_id, exact=True)
+            return True
+        except LookupError:
+            return False
+        finally:
+            db.close()
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _budget(spec: Any, default: Budget) -> Budget:
+    """A budget from `POST /rk/runs` (`{"max_cost_usd": "0.50", "max_tokens": null, ...}`): a field left out
+    is the server's default, a null one unlimited."""
+    if not isinstance(spec, dict):
+        raise ValueError("budget must be an object")
+    fields = {"max_cost_usd", "max_tokens", "max_calls", "max_time_s"}
+    unknown = set(spec) - fields
+    if unknown:
+        raise ValueError(f"unknown budget field {sorted(unknown)[0]!r} (known: {', '.join(sorted(fields))})")
+
+    def get(key: str, parse: Callable[[str], Any], current: Any) -> Any:
+        if key not in spec:
+            return current
+        value = spec[key]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"{key} must be a number, a string or null")
+        try:
+            return parse(str(value))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    return Budget(
+        max_cost=get("max_cost_usd", parse_cost, default.max_cost),
+        max_tokens=get("max_tokens", lambda v: parse_count(v, "tokens"), default.max_tokens),
+        max_calls=get("max_calls", lambda v: parse_count(v, "calls"), default.max_calls),
+        max_time=get("max_time_s", parse_duration, default.max_time),
+    )
+
+
+def check_bind(host: str, auth_token: str | None) -> None:
+    """Beyond loopback, every caller must prove it holds the token."""
+    if auth_token is not None:
+        if len(auth_token) < 16 or not re.fullmatch(r"[A-Za-z0-9_-]+", auth_token):
+            raise ConfigError("--auth-token: use at least 16 letters, digits, '_' or '-' (e.g. from rk's own)")
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"--host {host}: binding beyond loopback needs --auth-token (every caller must hold it)")
+
+
+@dataclass
+class Server:
+    """A running `rk serve`, for its command and for tests."""
+
+    url: str
+    runs: ServedRuns
+    token: str
+    control_file: Path
+    ledger: Ledger
+    servers: list[web.AppRunner] = field(default_factory=list)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting calls, let those in flight finish for up to `grace` seconds, cut the rest, record
+        everything. Runs not ended stay so in the ledger, for the next server to pick up."""
+        proxy = self.servers[0]
+        for site in list(proxy.sites):
+            await site.stop()
+        deadline = time.monotonic() + grace
+        while any(run.calls for run in self.runs.live()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for run in self.runs.live():
+            for call in list(run.calls):
+                call.cut(HaltReason.KILLED)
+        deadline = time.monotonic() + 5
+        while any(run.calls for run in self.runs.live()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for run in self.runs.live():
+            run.stop_clock()
+        for single in list(self.runs.single):
+            left = self.runs.get(single)
+            if left is not None:
+                await self.runs.finish(left)
+        for server in self.servers:
+            await server.cleanup()
+        control.unpublish(self.control_file)
+        await asyncio.to_thread(self.ledger.close)
+
+
+async def start(settings: ServeSettings) -> Server:
+    check_bind(settings.host, settings.auth_token)
+    ledger = await asyncio.to_thread(Ledger.open, paths.ledger_path())
+    defaults = settings.defaults
+    runs = ServedRuns(ledger, defaults, settings.auth_token)
+    token = settings.auth_token or control.new_token()
+    servers: list[web.AppRunner] = []
+    try:
+        bases = upstreams(defaults, dict(os.environ))
+        if defaults.mock:
+            mock, mock_url = await listen(make_mock_app())
+            servers.append(mock)
+            from riskkernel.providers.catalog import PROVIDERS
+
+            bases = {provider.name: mock_url + provider.prefix for provider in PROVIDERS}
+        from riskkernel.pricing import PriceBook
+
+        proxy = Proxy(
+            runs=runs,
+            upstreams=bases,
+            control_token=token,
+            prefixed=True,
+            prices=PriceBook(defaults.prices),
+            allow_unpriced=defaults.allow_unpriced,
+            allow_unmetered=defaults.allow_unmetered,
+        )
+        server, url = await listen(make_app(proxy), settings.host, settings.port)
+        servers.insert(0, server)
+    except BaseException:
+        for runner in servers:
+            await runner.cleanup()
+        await asyncio.to_thread(ledger.close)
+        raise
+    published = control.publish(runs.owner, control.Control(url, token))
+    return Server(url, runs, token, published, ledger, servers)
+
+
+async def serve_forever(settings: ServeSettings, announce: Callable[[Server], None]) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    server = await start(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        announce(server)
+        await stopping.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            await server.stop(settings.shutdown_grace)

@@ -1,0 +1,250 @@
+"""`rk serve`: many runs in one proxy, grouped by header or base URL, created and finished through the `/rk`
+API, guarded by a token, killed with `rk kill`, kept across a restart, and stopped gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from riskkernel import paths
+from riskkernel.config import RunSettings
+from riskkernel.ledger import store
+from riskkernel.models import Budget, Flag, RunStatus
+from riskkernel.serve import Server, ServeSettings, start
+from tests.conftest import SECRET, rk
+from tests.fakes import FakeUpstream, MessagesReply, Reply
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+TOKEN = "test-token-0123456789abcdef"
+
+StartServer = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server(fake: FakeUpstream) -> AsyncIterator[StartServer]:
+    started: list[Server] = []
+
+    async def begin(budget: Budget | None = None, auth_token: str | None = None) -> Server:
+        defaults = RunSettings(
+            budget=budget or Budget(max_cost=None), openai_upstream=fake.url, anthropic_upstream=fake.root
+        )
+        server = await start(ServeSettings(defaults, port=0, auth_token=auth_token))
+        started.append(server)
+        return server
+
+    yield begin
+    for server in started:
+        if server.servers[0].sites:
+            await server.stop(0)
+
+
+_OPEN: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _OPEN:
+        await _OPEN.pop().close()
+
+
+def client(base: str, **kwargs: Any) -> openai.AsyncOpenAI:
+    made = openai.AsyncOpenAI(base_url=base, api_key=SECRET, max_retries=0, **kwargs)
+    _OPEN.append(made)
+    return made
+
+
+def claude_client(base: str) -> anthropic.AsyncAnthropic:
+    made = anthropic.AsyncAnthropic(base_url=base, api_key=SECRET, max_retries=0)
+    _OPEN.append(made)
+    return made
+
+
+def ledger_runs() -> dict[str, store.RunRecord]:
+    db = store.open_reader(paths.ledger_path())
+    assert db is not None
+    try:
+        return {run.run_id: run for run in store.list_runs(db, None)}
+    finally:
+        db.close()
+
+
+def calls_of(run_id: str) -> list[store.CallRecord]:
+    db = store.open_reader(paths.ledger_path())
+    assert db is not None
+    try:
+        return list(store.iter_calls(db, run_id))
+    finally:
+        db.close()
+
+
+async def api(server: Server, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token or server.token}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, server.url + path, json=body, headers=headers) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_calls_are_grouped_by_header_and_by_base_url(fake: FakeUpstream, start_server: StartServer) -> None:
+    server = await start_server()
+    by_path = client(f"{server.url}/run/alpha/v1")
+    by_header = client(f"{server.url}/v1", default_headers={"X-RiskKernel-Run-Id": "beta"})
+    claude = claude_client(f"{server.url}/run/alpha")
+    fake.script(Reply())
+    await by_path.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    raw = await by_header.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert raw.headers["x-riskkernel-run-id"] == "beta"
+    fake.script(MessagesReply())
+    await claude.messages.create(model="claude-sonnet-4-6", max_tokens=100, messages=MESSAGES)
+    assert [seen.path for seen in fake.requests] == ["/v1/chat/completions"] * 2 + ["/v1/messages"]
+    assert "x-riskkernel-run-id" not in fake.requests[1].headers  # rk's own headers never go upstream
+    status, live = await api(server, "GET", "/rk/runs")
+    spent = {run["run_id"]: run["spent"]["calls"] for run in live["runs"]}
+    assert status == 200 and spent == {"alpha": 2, "beta": 1}
+    assert [c.endpoint for c in calls_of("alpha")] == ["/v1/chat/completions", "/v1/messages"]
+    assert ledger_runs()["alpha"].status is RunStatus.RUNNING
+
+
+async def test_an_ungrouped_call_is_a_run_of_its_own_that_leaves_memory(
+    fake: FakeUpstream, start_server: StartServer
+) -> None:
+    server = await start_server(Budget(max_cost=Decimal("1.00")))
+    plain = client(f"{server.url}/v1")
+    ids = set()
+    for _ in range(20):
+        raw = await plain.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+        ids.add(raw.headers["x-riskkernel-run-id"])
+    assert len(ids) == 20 and server.runs.runs == {}  # every one ended with its call
+    runs = ledger_runs()
+    assert all(runs[i].status is RunStatus.COMPLETED and runs[i].totals.calls == 1 for i in ids)
+    assert all(runs[i].budget.max_cost == Decimal("1.00") for i in ids)  # the server's default budget
+    with pytest.raises(openai.BadRequestError, match="a run id is 1 to 64"):
+        await client(f"{server.url}/v1", default_headers={"X-RiskKernel-Run-Id": "../etc"}).models.list()
+
+
+async def test_a_run_made_through_the_api_has_its_budget_and_ends_when_finished(
+    fake: FakeUpstream, start_server: StartServer
+) -> None:
+    server = await start_server()
+    body = {"run_id": "nightly", "name": "n", "tags": {"team": "x"}, "budget": {"max_calls": 1}}
+    status, made = await api(server, "POST", "/rk/runs", body)
+    assert status == 201 and made["openai_base_url"] == f"{server.url}/run/nightly/v1"
+    assert made["budget"]["max_calls"] == 1 and made["budget"]["max_cost_usd"] is None
+    assert (await api(server, "POST", "/rk/runs", body))[0] == 400  # it exists
+    assert (await api(server, "POST", "/rk/runs", {"budget": {"max_cost_usd": "-1"}}))[0] == 400
+    agent = client(made["openai_base_url"])
+    await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.APIStatusError, match="call budget exceeded") as refused:
+        await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert refused.value.status_code == 402
+    status, done = await api(server, "POST", "/rk/runs/nightly/finish")
+    assert status == 200 and done["status"] == "halted" and done["halt_reason"] == "call_budget_exceeded"
+    record = ledger_runs()["nightly"]
+    assert record.status is RunStatus.HALTED and record.name == "n" and record.tags == {"team": "x"}
+    with pytest.raises(openai.APIStatusError, match="has ended") as ended:
+        await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert ended.value.status_code == 410 and len(fake.requests) == 1
+
+
+async def test_with_a_token_every_call_must_carry_it(fake: FakeUpstream, start_server: StartServer) -> None:
+    server = await start_server(auth_token=TOKEN)
+    assert server.token == TOKEN
+    for bad in (client(f"{server.url}/run/a/v1"), client(f"{server.url}/t/wrong-token-00000000/run/a/v1")):
+        with pytest.raises(openai.AuthenticationError, match="needs its token"):
+            await bad.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    claude = claude_client(f"{server.url}/run/a")
+    with pytest.raises(anthropic.AuthenticationError):
+        await claude.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)
+    assert fake.requests == []  # nothing was forwarded
+    assert (await api(server, "GET", "/rk/runs", token="nope"))[0] == 401
+    await client(f"{server.url}/t/{TOKEN}/run/a/v1").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    header = client(f"{server.url}/run/a/v1", default_headers={"X-RiskKernel-Token": TOKEN})
+    await header.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    _, made = await api(server, "POST", "/rk/runs", {})
+    assert made["openai_base_url"].startswith(f"{server.url}/t/{TOKEN}/run/")  # works for an unmodified client
+    assert len(fake.requests) == 2 and "x-riskkernel-token" not in fake.requests[1].headers
+
+
+async def test_binding_beyond_loopback_needs_a_token() -> None:
+    done = await rk("serve", "--host", "0.0.0.0", "--port", "0")
+    assert done.status == 125
+    assert "binding beyond loopback needs --auth-token" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_a_restart_keeps_what_runs_spent_and_their_halts(fake: FakeUpstream, start_server: StartServer) -> None:
+    server = await start_server(Budget(max_cost=None, max_calls=2))
+    agent = client(f"{server.url}/run/job/v1")
+    await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    killed = client(f"{server.url}/run/stopped/v1")
+    await killed.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert (await api(server, "POST", "/rk/runs/stopped/kill"))[1]["killed"] is True
+    await server.stop(1)
+
+    again = await start_server(Budget(max_cost=None, max_calls=2))
+    agent = client(f"{again.url}/run/job/v1")
+    await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # the 2nd of 2: spends the budget
+    with pytest.raises(openai.APIStatusError, match="call budget exceeded"):
+        await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.APIStatusError, match="run killed"):
+        await client(f"{again.url}/run/stopped/v1").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert len(fake.requests) == 3
+    assert [c.seq for c in calls_of("job")] == [1, 2, 3]  # numbering goes on too
+
+
+async def test_shutdown_lets_calls_finish_then_cuts_and_records_them(
+    fake: FakeUpstream, start_server: StartServer
+) -> None:
+    server = await start_server()
+    fake.script(Reply(endless=True, delay=0.01))
+    agent = client(f"{server.url}/run/long/v1")
+    stream = await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    await stream.__anext__()
+    stopping = asyncio.create_task(server.stop(0.3))
+    with pytest.raises(openai.APIError, match="killed"):
+        async for _ in stream:
+            pass
+    await stopping
+    (row,) = calls_of("long")
+    assert Flag.CUT in row.flags and Flag.ESTIMATED in row.flags
+    assert ledger_runs()["long"].status is RunStatus.RUNNING  # not ended: the next server picks it up
+
+
+async def test_rk_kill_stops_a_run_of_rk_serve(fake: FakeUpstream, tmp_path: Path) -> None:
+    env = {**os.environ, "OPENAI_BASE_URL": fake.url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "riskkernel", "serve", "--port", "0", "--max-cost", "unlimited", env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    first = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+    url = first.split()[2]
+    fake.script(Reply(endless=True, delay=0.01))
+    agent = client(f"{url}/run/runaway/v1")
+    stream = await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    await stream.__anext__()
+    killed = await rk("kill", "runaway")
+    assert killed.status == 0 and killed.stderr.startswith("rk: killed run runaway (1 call in flight cut")
+    with pytest.raises(openai.APIError, match="run killed"):
+        async for _ in stream:
+            pass
+    with pytest.raises(openai.APIStatusError, match="run killed"):
+        await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    proc.terminate()
+    assert await asyncio.wait_for(proc.wait(), 20) == 0
+    record = ledger_runs()["runaway"]
+    assert record.halt_reason == "killed" and [c.status for c in calls_of("runaway")] == [200, 402]
+    listed = json.loads((await rk("ledger", "list", "--json")).stdout)
+    assert listed[0]["status"] == "interrupted" and listed[0]["halt_reason"] == "killed"
