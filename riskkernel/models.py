@@ -52,9 +52,13 @@ class Flag(StrEnum):
 
 
 def now_iso() -> str:
-    now = time.time()
-    second = int(now)
-    return f"{_iso_second(second)}.{int((now - second) * 1000):03d}Z"
+    return iso(time.time())
+
+
+def iso(seconds: float) -> str:
+    """A Unix time as the ledger writes timestamps: `2026-11-26T10:20:31.656Z`."""
+    second = int(seconds)
+    return f"{_iso_second(second)}.{int((seconds - second) * 1000):03d}Z"
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,15 +16,14 @@ import pytest
 from riskkernel import paths
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger
-from riskkernel.models import Budget, CallRecord, Flag, RunRecord, RunStatus, Usage
+from riskkernel.models import Budget, CallRecord, Flag, RunRecord, RunStatus, Usage, iso
 from tests.conftest import rk
 
 NOW = datetime.now(UTC)
 
 
 def ago(**delta: float) -> str:
-    when = NOW - timedelta(**delta)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    return iso((NOW - timedelta(**delta)).timestamp())
 
 
 def call(run_id: str, seq: int, model: str, cost: str, when: str, **kw: object) -> CallRecord:
@@ -221,6 +220,8 @@ async def test_export_json_is_the_runs_as_show_gives_them(ledger: dict[str, list
     assert exported == shown
     since = json.loads((await rk("ledger", "export", "--since", "7d", "--status", "completed")).stdout)
     assert [run["run_id"] for run in since] == [ALPHA]
+    both = await rk("ledger", "export", "aaaa", "--since", "7d")
+    assert both.status == 2 and "not both" in words(both.stderr)
     bad = await rk("ledger", "export", "--format", "xml")
     assert bad.status == 2 and "use one of json, jsonl, csv" in words(bad.stderr)
 

@@ -136,6 +136,8 @@ def export(
 
     if fmt not in exporter.FORMATS:
         raise typer.BadParameter(f"{fmt!r}: use one of {', '.join(exporter.FORMATS)}", param_hint="--format")
+    if run_ids and (since or status or tag):
+        raise typer.BadParameter("name runs, or select them with --since/--status/--tag, not both")
     which = _filter(since, status, tag)
     db = _reader()
     if db is None:
@@ -233,6 +235,8 @@ def parse_since(text: str) -> str:
     """A duration back from now (`30m`, `12h`, `7d`, `2w`) or a UTC date or time, as the ledger's timestamps."""
     from datetime import UTC, datetime, timedelta
 
+    from riskkernel.models import iso
+
     value = text.strip().lower()
     match = _AGO.fullmatch(value)
     if match:
@@ -246,7 +250,7 @@ def parse_since(text: str) -> str:
                 f"{text!r}: expected a duration like 30m, 12h, 7d, 2w, or a date like 2026-11-01", param_hint="--since"
             ) from None
         when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    return iso(when.timestamp())
 
 
 def _filter(since: str | None, status: list[str] | None, tag: list[str] | None) -> RunFilter:

@@ -390,16 +390,16 @@ class RunFilter:
     statuses: tuple[RunStatus, ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
 
-    def where(self, table: str = "runs") -> tuple[str, list[Any]]:
+    def where(self) -> tuple[str, list[Any]]:
         clauses, params = [], []
         if self.since is not None:
-            clauses.append(f"{table}.started_at >= ?")
+            clauses.append("started_at >= ?")
             params.append(self.since)
         if self.statuses:
-            clauses.append(f"{table}.status IN ({', '.join('?' * len(self.statuses))})")
+            clauses.append(f"status IN ({', '.join('?' * len(self.statuses))})")
             params += [str(status) for status in self.statuses]
         for key, value in self.tags:
-            clauses.append(f"EXISTS (SELECT 1 FROM json_each({table}.tags) WHERE key = ? AND value = ?)")
+            clauses.append("EXISTS (SELECT 1 FROM json_each(tags) WHERE key = ? AND value = ?)")
             params += [key, value]
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
