@@ -77,14 +77,27 @@ def find(owner: str | None) -> Control:
         raise RkError(f"cannot read its owner's control file: {exc}") from None
 
 
-def call(control: Control, method: str, path: str) -> dict[str, Any]:
-    """A JSON request to an owner's `/rk` API, on loopback and never through an HTTP proxy."""
+def find_by_url(url: str) -> Control | None:
+    """The control file of the rk process serving at `url` on this machine (same data dir), if any."""
+    folder = paths.data_dir() / "control"
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and str(data.get("url", "")).rstrip("/") == url.rstrip("/"):
+            return Control(url=str(data["url"]), token=str(data.get("token", "")))
+    return None
+
+
+def call(control: Control, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON request to an owner's `/rk` API, never through an HTTP proxy."""
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(
-        control.url + path, method=method, headers={AUTHORIZATION: control.authorization()}, data=b""
-    )
+    headers = {AUTHORIZATION: control.authorization(), "Content-Type": "application/json"}
+    data = json.dumps(body).encode() if body is not None else b""
+    request = urllib.request.Request(control.url + path, method=method, headers=headers, data=data)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=TIMEOUT) as response:

@@ -57,8 +57,8 @@ def now_iso() -> str:
 
 def iso(seconds: float) -> str:
     """A Unix time as the ledger writes timestamps: `2026-11-26T10:20:31.656Z`."""
-    second = int(seconds)
-    return f"{_iso_second(second)}.{int((seconds - second) * 1000):03d}Z"
+    second, ms = divmod(round(seconds * 1_000_000) // 1000, 1000)  # whole microseconds first: no float drift
+    return f"{_iso_second(second)}.{ms:03d}Z"
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -173,7 +174,17 @@ def _interactive() -> bool:
     return False
 
 
-async def _supervise(argv: list[str], env: dict[str, str], live: LiveRun, settings: RunSettings) -> tuple[int, bool]:
+class Supervised(Protocol):
+    """What the supervisor needs of a run: a `LiveRun` here, or a run on an `rk serve` (`via.RemoteRun`)."""
+
+    halt_listeners: list[Callable[[HaltReason], None]]
+
+    def kill(self) -> None: ...
+
+    def start_clock(self) -> None: ...
+
+
+async def _supervise(argv: list[str], env: dict[str, str], live: Supervised, settings: RunSettings) -> tuple[int, bool]:
     """Start the child and wait for it: its raw return code (negative for a signal), and whether rk
     terminated it because the run halted."""
     interactive = _interactive()

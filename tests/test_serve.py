@@ -22,8 +22,9 @@ from riskkernel.config import RunSettings
 from riskkernel.ledger import store
 from riskkernel.models import Budget, Flag, RunStatus
 from riskkernel.serve import Server, ServeSettings, start
-from tests.conftest import SECRET, rk
+from tests.conftest import SECRET, agent_script, rk
 from tests.fakes import FakeUpstream, MessagesReply, Reply
+from tests.test_run_cli import PY, TWO_CALLS
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 TOKEN = "test-token-0123456789abcdef"
@@ -248,3 +249,41 @@ async def test_rk_kill_stops_a_run_of_rk_serve(fake: FakeUpstream, tmp_path: Pat
     assert record.halt_reason == "killed" and [c.status for c in calls_of("runaway")] == [200, 402]
     listed = json.loads((await rk("ledger", "list", "--json")).stdout)
     assert listed[0]["status"] == "interrupted" and listed[0]["halt_reason"] == "killed"
+
+
+async def test_rk_run_via_makes_the_run_on_the_server(
+    fake: FakeUpstream, start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server()
+    script = agent_script(tmp_path, TWO_CALLS + "print(os.environ['OPENAI_BASE_URL'], flush=True)")
+    done = await rk(
+        "run", "--via", server.url, "--max-calls", "1", "--name", "via-job", "--json", "out.json", "--", PY, script,
+        env={"OPENAI_API_KEY": SECRET},
+    )  # fmt: skip
+    assert done.status == 3, done.stderr  # capped by the server: the second call got 402
+    out = done.stdout.decode().splitlines()
+    assert out[:2] == ["call 0 ok", "call 1 402 call_budget_exceeded"]
+    run_id = json.loads((tmp_path / "out.json").read_text())["run_id"]
+    assert out[2] == f"{server.url}/run/{run_id}/v1"
+    assert "halted: call_budget_exceeded" in done.stderr and "gpt-4o" in done.stderr  # the cost table
+    record = ledger_runs()[run_id]
+    assert record.name == "via-job" and record.budget.max_calls == 1 and record.status is RunStatus.HALTED
+    assert len(fake.requests) == 1 and server.runs.runs == {}  # finished: it left the server's memory
+
+    refused = await rk("run", "--via", server.url, "--mock", "--", PY, "-c", "pass")
+    assert refused.status == 125 and "--mock is the server's to set" in refused.stderr
+
+
+async def test_rk_run_via_stops_the_agent_when_the_server_halts_the_run(
+    fake: FakeUpstream, start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(auth_token=TOKEN)
+    script = agent_script(tmp_path, TWO_CALLS + "import time; time.sleep(60)")
+    done = await rk(
+        "run", "--via", server.url, "--max-calls", "1", "--on-halt", "terminate", "--grace", "1", "--", PY, script,
+        env={"OPENAI_API_KEY": SECRET, "RK_AUTH_TOKEN": TOKEN}, timeout=30,
+    )  # fmt: skip
+    assert done.status == 3, done.stderr
+    assert "halted: call_budget_exceeded" in done.stderr
+    no_token = await rk("run", "--via", "http://127.0.0.1:9", "--", PY, "-c", "pass")
+    assert no_token.status == 125 and "no token for it" in no_token.stderr

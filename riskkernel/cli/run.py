@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from riskkernel.cli.prices import PANEL as PRICES
 from riskkernel.cli.prices import PriceFlags, PricesFile
 from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
+
+if TYPE_CHECKING:
+    from riskkernel.control import Control
 
 HELP = """Run an agent command under a spend cap.
 
@@ -149,6 +152,17 @@ def run(
         list[str] | None,
         typer.Option(envvar=ENV["tag"], rich_help_panel=OUTPUT, metavar="KEY=VALUE", help="Tag the run (repeatable)."),
     ] = None,
+    via: Annotated[
+        str | None,
+        typer.Option(
+            "--via",
+            metavar="URL",
+            rich_help_panel=UPSTREAM,
+            show_default=False,
+            help="Make the run on the rk serve at URL, which meters and caps it with this run's budget (its "
+            "upstreams and prices apply). Its token: RK_AUTH_TOKEN, else its control file on this machine.",
+        ),
+    ] = None,
 ) -> None:
     import asyncio
 
@@ -156,6 +170,7 @@ def run(
     from riskkernel.cli import output
     from riskkernel.cli.prices import price_overrides
     from riskkernel.config import RunSettings, parse_budget, parse_tags, parse_upstream
+    from riskkernel.errors import ConfigError
 
     if json_file is not None:
         _check_writable(json_file)
@@ -180,13 +195,53 @@ def run(
                 f"rk: run {record.run_id[:8]} · budget {output.budget_summary(record.budget)} · proxy {url}{mock_note}"
             )
 
-    outcome = asyncio.run(runner.run(settings, command, announce))
+    if via is None:
+        outcome = asyncio.run(runner.run(settings, command, announce))
+        remote = None
+    else:
+        from riskkernel.via import run_via
+
+        server_side = {  # what a run made on an rk serve takes from the server
+            "--mock": mock,
+            "--openai-upstream": openai_upstream,
+            "--anthropic-upstream": anthropic_upstream,
+            "--price": price,
+            "--prices": prices_file,
+            "--allow-unpriced": allow_unpriced,
+            "--allow-unmetered": allow_unmetered,
+        }
+        given = next((flag for flag, value in server_side.items() if value), None)
+        if given is not None:
+            raise ConfigError(f"--via: {given} is the server's to set, not this run's")
+        outcome, remote = asyncio.run(run_via(settings, command, _server(via), announce))
     if outcome.error:
         output.error(outcome.error)
-    _report(outcome.run_id, quiet, json_file)
+    _report(outcome.run_id, quiet, json_file, remote)
     from riskkernel.cli import Finished
 
     raise Finished(outcome.exit_status)
+
+
+def _server(url: str) -> Control:
+    """How to reach the rk serve at `url`: its token from RK_AUTH_TOKEN, else from its control file here."""
+    import os
+
+    from riskkernel import control
+    from riskkernel.config import parse_upstream
+    from riskkernel.errors import ConfigError
+
+    base = parse_upstream(url, what="--via")
+    assert base is not None
+    token = os.environ.get("RK_AUTH_TOKEN")
+    if token:
+        return control.Control(base, token)
+    found = control.find_by_url(base)
+    if found is None:
+        raise ConfigError(
+            f"--via {base}: no token for it — set RK_AUTH_TOKEN to its --auth-token, or start that rk serve on"
+            " this machine with the same data directory"
+        )
+    return found
 
 
 def _check_writable(path: Path) -> None:
@@ -200,19 +255,38 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(f"--json {path}: cannot write there")
 
 
-def _report(run_id: str, quiet: bool, json_file: Path | None) -> None:
-    """The cost table on stderr, the --json summary, and the CI job summary where GITHUB_STEP_SUMMARY is set."""
+def _report(run_id: str, quiet: bool, json_file: Path | None, remote: dict[str, Any] | None = None) -> None:
+    """The cost table on stderr, the --json summary, and the CI job summary where GITHUB_STEP_SUMMARY is set.
+    A run made on an rk serve whose ledger is not this one is reported from the server's final status."""
     import os
 
     from riskkernel import paths
     from riskkernel.cli import output
     from riskkernel.ledger import store
     from riskkernel.ledger.export import write_run
+    from riskkernel.models import dumps
 
     db = store.open_reader(paths.ledger_path())
-    assert db is not None  # the run was just written
     try:
-        record = store.find_run(db, run_id)
+        if db is None:
+            raise LookupError(run_id)
+        record = store.find_run(db, run_id, exact=True)
+    except LookupError:
+        if remote is None:
+            raise
+        if db is not None:
+            db.close()
+        spent = remote.get("spent", {})
+        halt = f"halted: {remote['halt_reason']}" if remote.get("halt_reason") else remote.get("status")
+        if not quiet:
+            output.stderr.print(
+                f"rk · run {run_id} (on the rk serve) · {halt} · {spent.get('calls', '?')} calls ·"
+                f" ${spent.get('cost_usd', '?')} — its calls are in that server's ledger"
+            )
+        if json_file is not None:
+            json_file.write_text(dumps(remote) + "\n")
+        return
+    try:
         lines, refused = store.model_breakdown(db, run_id)
         if not quiet:
             width = output.stderr.width if output.stderr.is_terminal else None
