@@ -6,7 +6,9 @@ Needs `wrk` (Debian: apt install wrk) and rk installed in this Python. As in ben
 under test (rk serve, the floor relay of bench/floor.py, LiteLLM's proxy) is pinned to core 0; wrk and the
 fake upstream (bench/upstream.py) to core 1. For each target, at 16 and 64 connections, non-streaming and
 streaming (a 50-chunk stream, timed to its last byte), wrk reports requests/s and p50/p99 latency; "added"
-is the target's latency minus that of a direct hit on the fake upstream at the same concurrency.
+is the target's latency minus that of a direct hit on the fake upstream at the same concurrency. Also
+reported: the proxy's CPU time per call, and its share of core 0 beside each core's busy time, which tell a
+proxy-bound cell from one disturbed by other load.
 
 rk's calls are spread round-robin over 8 runs by base-URL prefix (`/run/run-N/v1/...`), created on first use
 by `rk serve --max-cost unlimited`. The floor and LiteLLM have no runs, so wrk sends them the plain
@@ -24,12 +26,15 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from overhead import _UNITS, BODY, LOAD_CORE, PROXY_CORE, STREAM_BODY, free_port, spawn, wait_port
 
@@ -67,46 +72,79 @@ general_settings:
 """
 
 
-def cpu_ticks() -> dict[int, tuple[int, int]]:
-    """Per core: (busy, total) jiffies since boot."""
+class Target(NamedTuple):
+    base: str  # http://127.0.0.1:PORT
+    paths: list[str]  # wrk sends to these in turn
+    pid: int | None  # the proxy's process, None for the upstream itself
+
+
+def core_ticks() -> dict[int, tuple[int, int]]:
+    """Per core: (busy, total) clock ticks since boot; steal is neither."""
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         m = re.match(r"cpu(\d+) (.*)", line)
         if m:
-            ticks = [int(t) for t in m.group(2).split()]
-            idle = ticks[3] + ticks[4]
-            out[int(m.group(1))] = (sum(ticks) - idle, sum(ticks))
+            user, nice, system, idle, iowait, irq, softirq, *_ = map(int, m.group(2).split())
+            busy = user + nice + system + irq + softirq
+            out[int(m.group(1))] = (busy, busy + idle + iowait)
     return out
 
 
-def wrk(script: Path, base: str, paths: list[str], body: str, connections: int, duration: float) -> dict[str, float]:
-    """Requests/s, p50/p99 latency (ms), errors and each core's busy share from one wrk run."""
-    url = base + paths[0]
-    before = cpu_ticks()
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a process and its live descendants."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    tree: set[int] = set()
+    grown = {pid}
+    while grown:
+        tree |= grown
+        grown = {p for p, (ppid, _) in stats.items() if ppid in grown and p not in tree}
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(script: Path, target: Target, body: str, connections: int, duration: float) -> dict[str, float]:
+    """Requests/s, p50/p99 latency (ms) and errors from one wrk run; for a proxy, also its CPU per call and
+    its share of its core, to tell a proxy-bound result from a disturbed one."""
+    url = target.base + target.paths[0]
+    ticks, start = core_ticks(), time.monotonic()
+    cpu = tree_cpu(target.pid) if target.pid else 0.0
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--timeout=10s", "--latency", f"-s{script}", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--timeout=30s", "--latency", f"-s{script}", url],
         capture_output=True,
         text=True,
         check=True,
         preexec_fn=lambda: os.sched_setaffinity(0, LOAD_CORE),
-        env={**os.environ, "BENCH_BODY": body, "BENCH_PATHS": " ".join(paths), "BENCH_KEY": KEY},
+        env={**os.environ, "BENCH_BODY": body, "BENCH_PATHS": " ".join(target.paths), "BENCH_KEY": KEY},
     )
-    after = cpu_ticks()
+    cpu = tree_cpu(target.pid) - cpu if target.pid else 0.0
+    wall, ticks_after = time.monotonic() - start, core_ticks()
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out.stdout).group(1))}  # type: ignore[union-attr]
-    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out.stdout, re.M):
+    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out.stdout, re.M):  # wrk pads "1.54s "
         result[f"p{pct}"] = float(value) * _UNITS[unit]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout)
     result["errors"] = (int(errors.group(1)) if errors else 0) + (sum(map(int, socket.groups())) if socket else 0)
-    for name, cores in (("proxy_core_busy", PROXY_CORE), ("load_core_busy", LOAD_CORE)):
-        busy = sum(after[c][0] - before[c][0] for c in cores)
-        total = sum(after[c][1] - before[c][1] for c in cores)
+    calls = int(re.search(r"(\d+) requests in", out.stdout).group(1))  # type: ignore[union-attr]
+    if target.pid:
+        result["cpu_us_per_call"] = cpu / max(calls, 1) * 1e6
+        result["proxy_share_pct"] = 100 * cpu / wall
+    for name, cores in (("proxy_core_busy_pct", PROXY_CORE), ("load_core_busy_pct", LOAD_CORE)):
+        busy = sum(ticks_after[c][0] - ticks[c][0] for c in cores)
+        total = sum(ticks_after[c][1] - ticks[c][1] for c in cores)
         result[name] = 100 * busy / max(total, 1)
     return result
 
 
-def start_litellm(python: str, upstream: str, home: str) -> tuple[subprocess.Popen[bytes], str]:
-    """LiteLLM's proxy on one core, every model of the bench body routed to the fake upstream."""
+def start_litellm(
+    python: str, upstream: str, home: str, start: Callable[..., subprocess.Popen[bytes]], targets: dict[str, Target]
+) -> str | None:
+    """Start LiteLLM's proxy on the proxy core, every model of the bench body routed to the fake upstream, and
+    add it to the targets; or say why it is skipped."""
     models = "\n".join(
         f"  - model_name: {name}\n    litellm_params:\n      model: openai/{name}\n"
         f"      api_base: {upstream}\n      api_key: {KEY}"
@@ -120,13 +158,24 @@ def start_litellm(python: str, upstream: str, home: str) -> tuple[subprocess.Pop
         "LITELLM_LOG": "ERROR",
         "LITELLM_TELEMETRY": "False",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price map from GitHub at import
-        "LITELLM_MODE": "PRODUCTION",
+        "LITELLM_MODE": "PRODUCTION",  # no .env loading
         "HOME": home,
     }
     args = [python, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--host", "127.0.0.1"]
-    log = (Path(home) / "litellm.log").open("wb")
-    proc = spawn([*args, "--port", str(port), "--num_workers", "1"], PROXY_CORE, env=env, stdout=log, stderr=log)
-    return proc, f"http://127.0.0.1:{port}"
+    try:
+        proc = start("litellm", [*args, "--port", str(port), "--num_workers", "1"], PROXY_CORE, env=env)
+    except OSError as exc:
+        return f"cannot run {python}: {exc.strerror}"
+    end = time.monotonic() + 180  # its start-up imports take a while
+    while proc.poll() is None and time.monotonic() < end:
+        try:
+            wait_port(port, timeout=1)
+        except RuntimeError:
+            continue
+        targets["litellm"] = Target(f"http://127.0.0.1:{port}", ["/v1/chat/completions"], proc.pid)
+        return None
+    log = (Path(home) / "litellm.log").read_text(errors="replace").strip().splitlines()
+    return "LiteLLM's proxy did not start: " + (log[-1] if log else "no output")
 
 
 def main() -> None:
@@ -147,108 +196,93 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         up_port, floor_port, rk_port = free_port(), free_port(), free_port()
-        # Logs go to files: wrk hangs up on the calls in flight at the end of each run, and they complain.
-        up_log = (Path(home) / "upstream.log").open("wb")
-        up = [sys.executable, str(HERE / "upstream.py"), str(up_port)]
-        procs.append(spawn(up, LOAD_CORE, stdout=up_log, stderr=up_log))
         upstream = f"http://127.0.0.1:{up_port}/v1"
-        floor_log = (Path(home) / "floor.log").open("wb")
-        floor = [sys.executable, str(HERE / "floor.py"), str(floor_port), upstream]
-        procs.append(spawn(floor, PROXY_CORE, stdout=floor_log, stderr=floor_log))
-        rk_log = (Path(home) / "rk.log").open("wb")
-        rk = [sys.executable, "-m", "riskkernel", "serve", "--port", str(rk_port), "--max-cost", "unlimited"]
+
+        def start(name: str, argv: list[str], cores: set[int], **kwargs: object) -> subprocess.Popen[bytes]:
+            # Logs go to files: wrk hangs up on the calls in flight at the end of each run, and they complain.
+            log = (Path(home) / f"{name}.log").open("wb")
+            procs.append(spawn(argv, cores, stdout=log, stderr=log, **kwargs))
+            return procs[-1]
+
+        start("upstream", [sys.executable, str(HERE / "upstream.py"), str(up_port)], LOAD_CORE)
+        floor = start("floor", [sys.executable, str(HERE / "floor.py"), str(floor_port), upstream], PROXY_CORE)
+        rk_args = ["serve", "--port", str(rk_port), "--max-cost", "unlimited", "--openai-upstream", upstream]
         rk_env = {**os.environ, "RK_HOME": home}
-        procs.append(spawn([*rk, "--openai-upstream", upstream], PROXY_CORE, env=rk_env, stdout=rk_log, stderr=rk_log))
+        rk = start("rk", [sys.executable, "-m", "riskkernel", *rk_args], PROXY_CORE, env=rk_env)
         plain = ["/v1/chat/completions"]
         targets = {
-            "upstream": (f"http://127.0.0.1:{up_port}", plain),
-            "floor": (f"http://127.0.0.1:{floor_port}", plain),
-            "rk serve": (
+            "upstream": Target(f"http://127.0.0.1:{up_port}", plain, None),
+            "floor": Target(f"http://127.0.0.1:{floor_port}", plain, floor.pid),
+            "rk serve": Target(
                 f"http://127.0.0.1:{rk_port}",
                 [f"/run/run-{n}/v1/chat/completions" for n in range(1, RUNS + 1)],
+                rk.pid,
             ),
         }
         if litellm:
-            proc, url = start_litellm(litellm, upstream, home)
-            procs.append(proc)
-            targets["litellm"] = (url, plain)
-        for port in (up_port, floor_port, rk_port):
-            wait_port(port)
-        if litellm:
-            end = time.monotonic() + 180  # its start-up imports take a while
-            port = int(targets["litellm"][0].rsplit(":", 1)[1])
-            while procs[-1].poll() is None and time.monotonic() < end:
-                try:
-                    wait_port(port, timeout=1)
-                    break
-                except RuntimeError:
-                    pass
-            else:
-                log = (Path(home) / "litellm.log").read_text(errors="replace").strip().splitlines()
-                litellm_skipped = "LiteLLM's proxy did not start: " + (log[-1] if log else "no output")
-                del targets["litellm"]
-        for base, paths in targets.values():  # warm up: connection pools, price lookups, imports, the runs
+            litellm_skipped = start_litellm(litellm, upstream, home, start, targets)
+        for target in targets.values():
+            wait_port(int(target.base.rsplit(":", 1)[1]))
+        for target in targets.values():  # warm up: connection pools, price lookups, imports, the runs
             for body in (BODY, STREAM_BODY):
-                wrk(script, base, paths, body, 16, 2)
+                wrk(script, target, body, 16, 2)
 
         cells = [(stream, conns) for stream in (False, True) for conns in CONCURRENCY]
         rounds: dict[tuple[str, bool, int], list[dict[str, float]]] = {}
         for r in range(args.repeats):
             for stream, conns in cells:
-                for name, (base, paths) in targets.items():
-                    result = wrk(script, base, paths, STREAM_BODY if stream else BODY, conns, args.duration)
+                for name, target in targets.items():
+                    result = wrk(script, target, STREAM_BODY if stream else BODY, conns, args.duration)
                     rounds.setdefault((name, stream, conns), []).append(result)
-                    print(
-                        f"round {r + 1}: {name}, {'streaming' if stream else 'non-streaming'}, {conns} conns: "
-                        f"{result['rps']:.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms",
-                        file=sys.stderr,
-                    )
+                    print(f"round {r + 1}, {name}, stream={stream}, {conns} clients: {result}", file=sys.stderr)
+    except BaseException:
+        print(f"logs: {home}", file=sys.stderr)
+        raise
     finally:
-        for proc in procs:
+        for proc in reversed(procs):  # the proxies before their upstream, so that calls in flight end cleanly
             if proc.poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+    shutil.rmtree(home)  # rk's ledger of a few hundred thousand calls among it
 
-    def med(name: str, stream: bool, conns: int, key: str) -> float:
-        return statistics.median(r[key] for r in rounds[(name, stream, conns)])
+    def med(name: str, stream: bool, conns: int, key: str) -> float | None:
+        values = [r[key] for r in rounds[(name, stream, conns)] if key in r]
+        return statistics.median(values) if values else None
 
     results = []
     for stream, conns in cells:
+        direct = {k: med("upstream", stream, conns, k) for k in ("p50", "p99")}
         for name in targets:
-            row = {k: med(name, stream, conns, k) for k in ("rps", "p50", "p99", "proxy_core_busy", "load_core_busy")}
-            results.append(
-                {
-                    "target": name,
-                    "stream": stream,
-                    "concurrency": conns,
-                    "rps": row["rps"],
-                    "p50_ms": row["p50"],
-                    "p99_ms": row["p99"],
-                    "added_p50_ms": None if name == "upstream" else row["p50"] - med("upstream", stream, conns, "p50"),
-                    "added_p99_ms": None if name == "upstream" else row["p99"] - med("upstream", stream, conns, "p99"),
-                    "errors": sum(int(r["errors"]) for r in rounds[(name, stream, conns)]),
-                    "proxy_core_busy_pct": row["proxy_core_busy"],
-                    "load_core_busy_pct": row["load_core_busy"],
-                    "rps_rounds": [r["rps"] for r in rounds[(name, stream, conns)]],
-                }
-            )
+            row = {
+                "target": name,
+                "stream": stream,
+                "concurrency": conns,
+                **{k: med(name, stream, conns, k) for k in ("rps", "p50", "p99", "cpu_us_per_call")},
+                **{k: med(name, stream, conns, k) for k in ("proxy_share_pct", "proxy_core_busy_pct")},
+                "load_core_busy_pct": med(name, stream, conns, "load_core_busy_pct"),
+                "errors": sum(int(r["errors"]) for r in rounds[(name, stream, conns)]),
+                "rps_rounds": [round(r["rps"]) for r in rounds[(name, stream, conns)]],
+            }
+            for k in ("p50", "p99"):  # none when no call finished in a run
+                if name != "upstream" and row[k] is not None and direct[k] is not None:
+                    row[f"added_{k}"] = row[k] - direct[k]  # type: ignore[operator]
+            results.append(row)
     verdicts = []
     for stream, conns in cells:
-        rk, floor = med("rk serve", stream, conns, "rps"), med("floor", stream, conns, "rps")
+        rk_rps, floor_rps = med("rk serve", stream, conns, "rps"), med("floor", stream, conns, "rps")
         lite = med("litellm", stream, conns, "rps") if "litellm" in targets else None
         verdicts.append(
             {
                 "stream": stream,
                 "concurrency": conns,
-                "rk_over_floor_rps": rk / floor,
-                "target_met": rk * TARGET >= floor,
-                "rk_over_litellm_rps": rk / lite if lite else None,
+                "rk_over_floor_rps": rk_rps / floor_rps,  # type: ignore[operator]
+                "target_met": rk_rps * TARGET >= floor_rps,  # type: ignore[operator]
+                "rk_over_litellm_rps": rk_rps / lite if lite else None,  # type: ignore[operator]
             }
         )
-
     report = {
         "duration_s": args.duration,
         "repeats": args.repeats,
@@ -266,19 +300,25 @@ def main() -> None:
 def table(report: dict) -> str:
     """The report in Markdown."""
     mode = {False: "non-streaming", True: "streaming"}
+
+    def num(value: float | None, fmt: str, unit: str = "", none: str = "") -> str:
+        return none if value is None else format(value, fmt) + unit
+
     lines = [
         f"## rk serve under load ({report['repeats']} interleaved rounds of {report['duration_s']:g} s, medians)",
         "",
-        "| mode | clients | target | requests/s | p50 (ms) | p99 (ms) | added p50 | added p99 | core 0 / 1 busy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | clients | target | requests/s | p50 ms | p99 ms | added p50 | added p99 | CPU µs/call "
+        "| core 0: proxy / all | core 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
-        added = [f"{row[k]:.2f}" if row[k] is not None else "" for k in ("added_p50_ms", "added_p99_ms")]
         errors = f" ({row['errors']} errors)" if row["errors"] else ""
         lines.append(
             f"| {mode[row['stream']]} | {row['concurrency']} | {row['target']} | {row['rps']:,.0f}{errors} "
-            f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {added[0]} | {added[1]} "
-            f"| {row['proxy_core_busy_pct']:.0f}% / {row['load_core_busy_pct']:.0f}% |"
+            f"| {num(row['p50'], '.2f')} | {num(row['p99'], '.2f')} | {num(row.get('added_p50'), '.2f')} "
+            f"| {num(row.get('added_p99'), '.2f')} | {num(row['cpu_us_per_call'], '.0f')} "
+            f"| {num(row['proxy_share_pct'], '.0f', '%', '—')} / {row['proxy_core_busy_pct']:.0f}% "
+            f"| {row['load_core_busy_pct']:.0f}% |"
         )
     lines += [
         "",
@@ -286,7 +326,7 @@ def table(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for v in report["verdicts"]:
-        lite = f"{v['rk_over_litellm_rps']:.1f}×" if v["rk_over_litellm_rps"] else "—"
+        lite = num(v["rk_over_litellm_rps"], ".1f", "×", "—")
         lines.append(
             f"| {mode[v['stream']]} | {v['concurrency']} | {v['rk_over_floor_rps']:.2f}× "
             f"| {'met' if v['target_met'] else '**missed**'} | {lite} |"

@@ -533,7 +533,12 @@ class _ClientGone(Exception):
 async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     req, endpoint, run = call.req, call.endpoint, call.run
     response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, call.rk_headers()))
-    await response.prepare(call.request)
+    try:
+        await response.prepare(call.request)
+    except (ConnectionError, aiohttp.ClientConnectionResetError):  # the client hung up before the answer began
+        upstream.close()
+        await call.settle(ticket, 499, call.spent_so_far(), estimated=True, error="client disconnected")
+        return response
     call.stream = response
     call.live.streaming = True
     if run.governor.halt_reason is not None:  # the run halted while this call waited for its answer to begin
