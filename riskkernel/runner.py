@@ -35,7 +35,7 @@ from riskkernel.providers.catalog import PROVIDERS
 from riskkernel.proxy import serve
 from riskkernel.proxy.app import Proxy, make_app
 from riskkernel.proxy.mock import MOCK_KEY, make_mock_app
-from riskkernel.proxy.run import LiveRun, OneRun
+from riskkernel.proxy.run import LiveRun, OneRun, Runs
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -97,9 +97,17 @@ def new_record(settings: RunSettings, argv: list[str]) -> RunRecord:
     )
 
 
-async def start_proxy(settings: RunSettings, live: LiveRun, control_token: str) -> tuple[list[web.AppRunner], str]:
-    """Serve the proxy for a run (and the mock upstream under --mock), with its `/rk` API behind
-    `control_token`: the servers, proxy first, and its URL."""
+async def start_proxy(
+    settings: RunSettings,
+    runs: Runs,
+    control_token: str,
+    *,
+    prefixed: bool = False,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> tuple[list[web.AppRunner], str]:
+    """Serve the proxy for `runs` (and the mock upstream under --mock), with its `/rk` API behind
+    `control_token`: the servers, proxy first, and its URL. `rk run` serves one run, `rk serve` many."""
     servers = []
     bases = upstreams(settings, dict(os.environ))
     if settings.mock:
@@ -107,15 +115,16 @@ async def start_proxy(settings: RunSettings, live: LiveRun, control_token: str) 
         servers.append(mock)
         bases = {provider.name: mock_url + provider.prefix for provider in PROVIDERS}
     proxy = Proxy(
-        runs=OneRun(live),
+        runs=runs,
         control_token=control_token,
+        prefixed=prefixed,
         upstreams=bases,
         prices=PriceBook(settings.prices),
         allow_unpriced=settings.allow_unpriced,
         allow_unmetered=settings.allow_unmetered,
     )
     try:
-        server, url = await serve(make_app(proxy))
+        server, url = await serve(make_app(proxy), host, port)
     except BaseException:
         for runner in servers:
             await runner.cleanup()
@@ -138,7 +147,7 @@ async def run(
     try:
         await ledger.commit(store.insert_run(record))
         token = control.new_token()
-        servers, url = await start_proxy(settings, live, token)
+        servers, url = await start_proxy(settings, OneRun(live), token)
         assert record.owner is not None
         published = control.publish(record.owner, control.Control(url, token))  # so that `rk kill` finds us
         announce(record, url)

@@ -36,11 +36,9 @@ from riskkernel.governor import Spend
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger, owner_id
 from riskkernel.models import Budget, HaltReason, RunRecord, RunStatus, now_iso
-from riskkernel.proxy import serve as listen
-from riskkernel.proxy.app import RUN_ID, Proxy, make_app
-from riskkernel.proxy.mock import make_mock_app
+from riskkernel.proxy.app import RUN_ID
 from riskkernel.proxy.run import LiveRun, Unresolved
-from riskkernel.runner import new_run_id, upstreams
+from riskkernel.runner import new_run_id, start_proxy
 
 SERVE_COMMAND = ("rk", "serve")  # the command of the runs a server creates: how a restarted one knows them
 TOKEN_HEADER = "X-RiskKernel-Token"
@@ -321,31 +319,9 @@ async def start(settings: ServeSettings) -> Server:
     defaults = settings.defaults
     runs = ServedRuns(ledger, defaults, settings.auth_token)
     token = settings.auth_token or control.new_token()
-    servers: list[web.AppRunner] = []
     try:
-        bases = upstreams(defaults, dict(os.environ))
-        if defaults.mock:
-            mock, mock_url = await listen(make_mock_app())
-            servers.append(mock)
-            from riskkernel.providers.catalog import PROVIDERS
-
-            bases = {provider.name: mock_url + provider.prefix for provider in PROVIDERS}
-        from riskkernel.pricing import PriceBook
-
-        proxy = Proxy(
-            runs=runs,
-            upstreams=bases,
-            control_token=token,
-            prefixed=True,
-            prices=PriceBook(defaults.prices),
-            allow_unpriced=defaults.allow_unpriced,
-            allow_unmetered=defaults.allow_unmetered,
-        )
-        server, url = await listen(make_app(proxy), settings.host, settings.port)
-        servers.insert(0, server)
+        servers, url = await start_proxy(defaults, runs, token, prefixed=True, host=settings.host, port=settings.port)
     except BaseException:
-        for runner in servers:
-            await runner.cleanup()
         await asyncio.to_thread(ledger.close)
         raise
     published = control.publish(runs.owner, control.Control(url, token))

@@ -20,7 +20,7 @@ from riskkernel.config import RunSettings
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger
 from riskkernel.models import Budget, CallRecord, RunRecord
-from riskkernel.proxy.run import LiveRun
+from riskkernel.proxy.run import LiveRun, OneRun
 from tests.fakes import FakeUpstream
 
 SECRET = "sk-test-SECRETMARKER-0123456789abcdef"
@@ -114,7 +114,7 @@ async def start_proxy(fake: FakeUpstream) -> AsyncIterator[StartProxy]:
         live = LiveRun(record, ledger)
         live.start_clock()
         token = control.new_token()
-        servers, url = await runner.start_proxy(config, live, token)
+        servers, url = await runner.start_proxy(config, OneRun(live), token)
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
         claude = anthropic.AsyncAnthropic(base_url=url, api_key=SECRET, max_retries=0)
         harness = Harness(url, live, ledger, servers, client, claude, token)

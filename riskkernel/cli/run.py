@@ -13,6 +13,7 @@ from riskkernel.cli.prices import PriceFlags, PricesFile
 from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
 
 if TYPE_CHECKING:
+    from riskkernel.config import RunSettings
     from riskkernel.control import Control
 
 HELP = """Run an agent command under a spend cap.
@@ -165,28 +166,16 @@ def run(
     ] = None,
 ) -> None:
     import asyncio
+    from dataclasses import replace
 
     from riskkernel import runner
     from riskkernel.cli import output
-    from riskkernel.cli.prices import price_overrides
-    from riskkernel.config import RunSettings, parse_budget, parse_tags, parse_upstream
+    from riskkernel.config import parse_tags
     from riskkernel.errors import ConfigError
 
     if json_file is not None:
         _check_writable(json_file)
-    settings = RunSettings(
-        budget=parse_budget(max_cost, max_tokens, max_calls, max_time),
-        on_halt=on_halt.value,
-        grace=grace,
-        openai_upstream=parse_upstream(openai_upstream),
-        anthropic_upstream=parse_upstream(anthropic_upstream),
-        mock=mock,
-        prices=price_overrides(ctx, price, prices_file),
-        allow_unpriced=allow_unpriced,
-        allow_unmetered=allow_unmetered,
-        name=name,
-        tags=parse_tags(tag or []),
-    )
+    settings = replace(proxy_settings(ctx), on_halt=on_halt.value, grace=grace, name=name, tags=parse_tags(tag or []))
 
     def announce(record, url):  # type: ignore[no-untyped-def]
         if not quiet:
@@ -220,6 +209,24 @@ def run(
     from riskkernel.cli import Finished
 
     raise Finished(outcome.exit_status)
+
+
+def proxy_settings(ctx: typer.Context) -> RunSettings:
+    """The settings of the options `rk run` and `rk serve` share (budget, upstreams, prices), as parsed."""
+    from riskkernel.cli.prices import price_overrides
+    from riskkernel.config import RunSettings, parse_budget, parse_upstream
+
+    p = ctx.params  # as click parsed them: a path is still a string here
+    prices_file = Path(p["prices_file"]) if p["prices_file"] is not None else None
+    return RunSettings(
+        budget=parse_budget(p["max_cost"], p["max_tokens"], p["max_calls"], p["max_time"]),
+        openai_upstream=parse_upstream(p["openai_upstream"]),
+        anthropic_upstream=parse_upstream(p["anthropic_upstream"]),
+        mock=p["mock"],
+        prices=price_overrides(ctx, p["price"], prices_file),
+        allow_unpriced=p["allow_unpriced"],
+        allow_unmetered=p["allow_unmetered"],
+    )
 
 
 def _server(url: str) -> Control:

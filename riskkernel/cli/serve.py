@@ -69,20 +69,11 @@ def serve(
     import asyncio
 
     from riskkernel.cli import output
-    from riskkernel.cli.prices import price_overrides
-    from riskkernel.config import RunSettings, parse_budget, parse_upstream
+    from riskkernel.cli.run import proxy_settings
     from riskkernel.serve import Server, ServeSettings, check_bind, serve_forever
 
     check_bind(host, auth_token)
-    defaults = RunSettings(
-        budget=parse_budget(max_cost, max_tokens, max_calls, max_time),
-        openai_upstream=parse_upstream(openai_upstream),
-        anthropic_upstream=parse_upstream(anthropic_upstream),
-        mock=mock,
-        prices=price_overrides(ctx, price, prices_file),
-        allow_unpriced=allow_unpriced,
-        allow_unmetered=allow_unmetered,
-    )
+    defaults = proxy_settings(ctx)
     settings = ServeSettings(defaults, host, port, auth_token, shutdown_grace)
 
     def announce(server: Server) -> None:
