@@ -31,6 +31,8 @@ ENV = {
     "max_tokens": "RK_MAX_TOKENS",
     "max_calls": "RK_MAX_CALLS",
     "max_time": "RK_MAX_TIME",
+    "max_repeats": "RK_MAX_REPEATS",
+    "strict": "RK_STRICT",
     "on_halt": "RK_ON_HALT",
     "grace": "RK_GRACE",
     "openai_upstream": "RK_OPENAI_UPSTREAM",
@@ -124,12 +126,23 @@ def parse_upstream(url: str | None, what: str = "upstream") -> str | None:
     return url.rstrip("/")
 
 
-def parse_budget(max_cost: str, max_tokens: str, max_calls: str, max_time: str) -> Budget:
+def parse_repeats(text: str) -> int | None:
+    repeats = parse_count(text, "repeats")
+    if repeats is not None and repeats < 2:
+        raise ConfigError(f"max repeats {text!r}: must be 2 or more (a request is seen once before it repeats)")
+    return repeats
+
+
+def parse_budget(
+    max_cost: str, max_tokens: str, max_calls: str, max_time: str, max_repeats: str = UNLIMITED, strict: bool = False
+) -> Budget:
     return Budget(
         max_cost=parse_cost(max_cost),
         max_tokens=parse_count(max_tokens, "tokens"),
         max_calls=parse_count(max_calls, "calls"),
         max_time=parse_duration(max_time),
+        max_repeats=parse_repeats(max_repeats),
+        strict=strict,
     )
 
 

@@ -10,16 +10,22 @@
 - Streams report their running usage as it flows; when spent plus the running streams reaches a limit the
   run halts, and the caller cuts its live streams.
 - A cost limit of 0 admits only calls whose estimate is free; other dimensions have no such exception.
+- Under `--strict` (`Budget.strict`) the call's own reservation must fit as well: spent plus every
+  reservation never passes a cost or token limit, so, with reservations that are true worst cases, spend
+  never does either. The caller first lowers the call's output limit to `room()` if it must.
+- With `max_repeats`, the same request seen that many times halts the run with `loop_detected`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 
 from riskkernel.models import Budget, HaltReason, Refusal
 
 ZERO = Decimal(0)
+STRICT_MIN_OUTPUT = 256  # under --strict, a call is not clamped below this many output tokens: it is refused
 
 
 @dataclass(slots=True)
@@ -43,6 +49,8 @@ class Ticket:
 class Refused:
     reason: str  # a HaltReason when the run is halted, else a Refusal
     message: str
+    # Calls in flight hold the room it needs: it may fit once they settle below what they reserved.
+    may_fit_later: bool = False
 
 
 def format_money(amount: Decimal) -> str:
@@ -69,6 +77,7 @@ class Governor:
         self.live = Spend()  # running usage of live streams, not yet settled
         self.in_flight = 0
         self.halt_reason: HaltReason | None = None
+        self._seen: dict[bytes, int] = {}  # request digest -> times seen, under max_repeats
 
     # -- decisions -------------------------------------------------------------------------------------
 
@@ -77,17 +86,40 @@ class Governor:
         if self.halt_reason is not None:
             return Refused(self.halt_reason, self.message(self.halt_reason))
         b, spent, reserved = self.budget, self.spent, self.reserved
-        if b.max_cost is not None and estimate.cost > 0 and spent.cost + reserved.cost >= b.max_cost:
-            return Refused(Refusal.INSUFFICIENT_BUDGET, self._no_room("cost"))
-        if b.max_tokens is not None and spent.tokens + reserved.tokens >= b.max_tokens:
-            return Refused(Refusal.INSUFFICIENT_BUDGET, self._no_room("tokens"))
+        if b.max_cost is not None and estimate.cost > 0:
+            held = spent.cost + reserved.cost + (estimate.cost if b.strict else ZERO)
+            if held > b.max_cost if b.strict else held >= b.max_cost:
+                return Refused(Refusal.INSUFFICIENT_BUDGET, self._no_room("cost", estimate), self.in_flight > 0)
+        if b.max_tokens is not None:
+            held_tokens = spent.tokens + reserved.tokens + (estimate.tokens if b.strict else 0)
+            if held_tokens > b.max_tokens if b.strict else held_tokens >= b.max_tokens:
+                return Refused(Refusal.INSUFFICIENT_BUDGET, self._no_room("tokens", estimate), self.in_flight > 0)
         if b.max_calls is not None and spent.calls + reserved.calls >= b.max_calls:
-            return Refused(Refusal.INSUFFICIENT_BUDGET, self._no_room("calls"))
+            return Refused(Refusal.INSUFFICIENT_BUDGET, self._no_room("calls", estimate))
         reserved.cost += estimate.cost
         reserved.tokens += estimate.tokens
         reserved.calls += estimate.calls
         self.in_flight += 1
         return Ticket(Spend(estimate.cost, estimate.tokens, estimate.calls))
+
+    def room(self) -> tuple[Decimal | None, int | None]:
+        """What is left of the cost and token limits once spend and the reservations of the calls in flight
+        are counted (None: unlimited): what a call admitted now may reserve under `--strict`."""
+        b = self.budget
+        cost = None if b.max_cost is None else b.max_cost - self.spent.cost - self.reserved.cost
+        tokens = None if b.max_tokens is None else b.max_tokens - self.spent.tokens - self.reserved.tokens
+        return cost, tokens
+
+    def seen(self, subject: bytes) -> bool:
+        """Count a request under `max_repeats`; True if it has now been seen that many times, which halts the
+        run with `loop_detected`."""
+        limit = self.budget.max_repeats
+        if limit is None or self.halt_reason is not None:
+            return False
+        digest = hashlib.blake2b(subject, digest_size=16).digest()
+        times = self._seen.get(digest, 0) + 1
+        self._seen[digest] = times
+        return times >= limit and self.halt(HaltReason.LOOP)
 
     def progress(self, ticket: Ticket, cost: Decimal, tokens: int) -> HaltReason | None:
         """A live stream has used this much so far. Returns the halt reason if the run just halted."""
@@ -182,22 +214,27 @@ class Governor:
             case HaltReason.KILLED:
                 return f"rk: run killed {self._run}"
             case HaltReason.LOOP:
-                return f"rk: loop detected — the same request was repeated {self._run}"
+                times = b.max_repeats
+                return f"rk: loop detected — the same request was sent {times} times {self._run}"
         return f"rk: call refused ({reason}) {self._run}"
 
-    def _no_room(self, dimension: str) -> str:
+    def _no_room(self, dimension: str, estimate: Spend) -> str:
         b, s, r, n = self.budget, self.spent, self.reserved, self.in_flight
         flight = f"{n} call{'s' if n != 1 else ''} in flight"
-        if dimension == "cost":
+        if dimension == "cost" and b.max_cost is not None:
             if b.max_cost == 0:
                 return f"rk: the cost budget is $0 — no paid call may be made {self._run}"
+            left = max(b.max_cost - s.cost - r.cost, ZERO)
+            held = f", {format_money(r.cost)} reserved by {flight}" if n else ""
             return (
-                f"rk: no cost budget left for another call — spent {format_money(s.cost)} and "
-                f"{format_money(r.cost)} reserved by {flight}, of ${b.max_cost} {self._run}"
+                f"rk: not enough cost budget for this call — it could cost up to {format_money(estimate.cost)}, and"
+                f" {format_money(left)} is left of ${b.max_cost} (spent {format_money(s.cost)}{held}) {self._run}"
             )
-        if dimension == "tokens":
+        if dimension == "tokens" and b.max_tokens is not None:
+            left_tokens = max(b.max_tokens - s.tokens - r.tokens, 0)
+            held = f", {r.tokens:,} reserved by {flight}" if n else ""
             return (
-                f"rk: no token budget left for another call — {s.tokens:,} used and {r.tokens:,} reserved "
-                f"by {flight}, of {b.max_tokens:,} tokens {self._run}"
+                f"rk: not enough token budget for this call — it could use up to {estimate.tokens:,} tokens, and"
+                f" {left_tokens:,} are left of {b.max_tokens:,} ({s.tokens:,} used{held}) {self._run}"
             )
         return f"rk: no call budget left — {s.calls} calls made and {n} in flight, of {b.max_calls} {self._run}"

@@ -49,6 +49,7 @@ class Flag(StrEnum):
     UNMETERED = "unmetered"  # a free endpoint (model lists, token counts)
     CUT = "cut"  # rk ended the stream early (cap, time limit, kill)
     REFUSED = "refused"  # rk answered 402 and never contacted the upstream
+    CLAMPED = "clamped"  # under --strict, rk lowered the call's output limit to what the budget could pay for
 
 
 def now_iso() -> str:
@@ -84,6 +85,8 @@ class Budget:
     max_tokens: int | None = None
     max_calls: int | None = None
     max_time: float | None = None  # seconds of wall clock from the start of the run
+    max_repeats: int | None = None  # the same request seen this many times halts the run (`loop_detected`)
+    strict: bool = False  # each call's worst case must fit: output limits lowered, spend never past the cap
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +94,8 @@ class Budget:
             "max_tokens": self.max_tokens,
             "max_calls": self.max_calls,
             "max_time_s": self.max_time,
+            "max_repeats": self.max_repeats,
+            "strict": self.strict,
         }
 
     @classmethod
@@ -101,6 +106,8 @@ class Budget:
             max_tokens=data.get("max_tokens"),
             max_calls=data.get("max_calls"),
             max_time=data.get("max_time_s"),
+            max_repeats=data.get("max_repeats"),
+            strict=bool(data.get("strict", False)),
         )
 
 
@@ -157,6 +164,8 @@ class CallRecord:
     ttfb_ms: float | None = None  # first byte from the upstream
     error: str | None = None  # refusal or halt reason, cut reason, or the upstream's error, one line
     cache_savings: Decimal = Decimal(0)  # what its cache reads saved over the plain input rate
+    reserved: Decimal | None = None  # the worst case it was admitted (or refused) against; None: not metered
+    output_limit: int | None = None  # the output limit rk set on it under --strict (flag `clamped`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -171,6 +180,8 @@ class CallRecord:
             **{name: getattr(self.usage, name) for name in CALL_USAGE_COLUMNS},
             "cost_usd": usd(self.cost),
             "cache_savings_usd": usd(self.cache_savings),
+            "reserved_usd": None if self.reserved is None else usd(self.reserved),
+            "output_limit": self.output_limit,
             "price_source": self.price_source,
             "flags": list(self.flags),
             "latency_ms": round(self.latency_ms, 1),

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,16 @@ class Rates:
         if u.web_searches and self.per_kilo_web_search:
             cost += u.web_searches * self.per_kilo_web_search / 1000
         return cost.quantize(PICO)
+
+    def worst_case(self, input_tokens: int, cache_writes: bool = False) -> tuple[Decimal, Decimal]:
+        """The most a call with up to `input_tokens` of input can cost: (its input and per-request fee, each
+        output token). Input at the dearest rate it may be billed at (cache writes if it may write the cache,
+        audio), output at the dearer of text and audio; never rounded down."""
+        inp, _, write, write_1h, audio_in, out, audio_out = self._flat or self._resolve(input_tokens)
+        fixed = input_tokens * max(inp, audio_in, *((write, write_1h) if cache_writes else ()))
+        if self.per_kilo_request:
+            fixed += self.per_kilo_request / 1000
+        return fixed.quantize(PICO, ROUND_CEILING), max(out, audio_out)
 
     def output_per_token(self, total_input: int) -> Decimal:
         """USD per plain output token for a call with this much input: what a live stream is metered at."""

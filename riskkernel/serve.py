@@ -3,9 +3,16 @@
 A call belongs to the run its `X-RiskKernel-Run-Id` header names, else the run its path prefix names
 (`/run/ID/v1/...`, so an unmodified client is grouped by its base URL alone), else to a fresh run of its
 own, which ends with the call. A run named for the first time is created with the server's default budget
-(or made with `POST /rk/runs`, with a budget of its own); a run this server (or an earlier one on the same
-ledger) has served and not ended is picked up again with what it spent and its halt, so a restart never
-resets a meter or re-opens a halted run. A run ends with `POST /rk/runs/ID/finish`, and then leaves memory.
+(or made with `POST /rk/runs`, with a budget of its own). A run ends with `POST /rk/runs/ID/finish`, and then
+leaves memory; so does a single call's run when its call is over, so memory holds only live runs.
+
+Restarts: at start-up, before it listens, a server takes up every run that earlier servers on the same
+ledger left unended and that no live process serves: it becomes their owner in the ledger, and they are
+live at once (listed by `/rk/runs`, reachable by `rk kill`) with what they spent, their halt and their call
+numbering, so a restart never resets a meter or re-opens a halted run. A single call's run left unended (its
+call was cut by the crash) is ended `interrupted` instead: nobody can name it again, and taken up it would
+never leave memory. A run that a live process served at start-up is taken up lazily, on its first call here
+once that process is gone.
 
 With `--auth-token`, every call must carry the token (`X-RiskKernel-Token`, or a `/t/TOKEN/` path prefix)
 and the `/rk` API takes it as its bearer token; without one, the server only listens on loopback and its
@@ -21,6 +28,7 @@ import ipaddress
 import os
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from riskkernel import control, paths
-from riskkernel.config import RunSettings, parse_cost, parse_count, parse_duration
+from riskkernel.config import RunSettings, parse_cost, parse_count, parse_duration, parse_repeats
 from riskkernel.errors import ConfigError
 from riskkernel.governor import Spend
 from riskkernel.ledger import store
@@ -40,10 +48,21 @@ from riskkernel.proxy.app import RUN_ID
 from riskkernel.proxy.run import LiveRun, Unresolved
 from riskkernel.runner import new_run_id, start_proxy
 
-SERVE_COMMAND = ("rk", "serve")  # the command of the runs a server creates: how a restarted one knows them
+# The command of the runs a server creates: how a restarted one knows them, and knows which to end.
+SERVE_COMMAND = ("rk", "serve")
+SINGLE_CALL_COMMAND = ("rk", "serve", "(single call)")
 TOKEN_HEADER = "X-RiskKernel-Token"
 RUN_HEADER = "X-RiskKernel-Run-Id"
 _PREFIX = re.compile(r"(?:t/(?P<token>[^/]+)/)?(?:run/(?P<run>[^/]+)/)?")
+
+
+@dataclass(frozen=True, slots=True)
+class _Resumable:
+    """An unended run an earlier server left, as the ledger has it."""
+
+    record: RunRecord
+    spent: Spend
+    last_seq: int
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class ServedRuns:
                 )
         run_id = request.headers.get(RUN_HEADER) or path_run
         if run_id is None:
-            run = await self._start(self._record(new_run_id(), None, {}, self.defaults.budget))
+            run = await self._start(self._record(new_run_id(), None, {}, self.defaults.budget, SINGLE_CALL_COMMAND))
             self.single.add(run.id)
             return run
         if not re.fullmatch(RUN_ID, run_id):
@@ -137,11 +156,18 @@ class ServedRuns:
 
     # -- runs coming to life --------------------------------------------------------------------------
 
-    def _record(self, run_id: str, name: str | None, tags: dict[str, str], budget: Budget) -> RunRecord:
+    def _record(
+        self,
+        run_id: str,
+        name: str | None,
+        tags: dict[str, str],
+        budget: Budget,
+        command: tuple[str, ...] = SERVE_COMMAND,
+    ) -> RunRecord:
         return RunRecord(
             run_id=run_id,
             name=name,
-            command=SERVE_COMMAND,
+            command=command,
             cwd=os.getcwd(),
             started_at=now_iso(),
             budget=budget,
@@ -180,9 +206,8 @@ class ServedRuns:
             elif isinstance(found, Unresolved):
                 result = found
             else:
-                record, spent, last_seq = found
                 await self.ledger.commit(store.reopen_run(run_id, self.owner))
-                result = await self._start(record, spent, record.halt_reason, last_seq)
+                result = await self._resume(found)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -192,7 +217,10 @@ class ServedRuns:
         finally:
             del self._opening[run_id]
 
-    def _load(self, run_id: str) -> tuple[RunRecord, Spend, int] | Unresolved | None:
+    async def _resume(self, found: _Resumable) -> LiveRun:
+        return await self._start(found.record, found.spent, found.record.halt_reason, found.last_seq)
+
+    def _load(self, run_id: str) -> _Resumable | Unresolved | None:
         db = store.open_reader(self.ledger.path)
         if db is None:
             return None
@@ -201,15 +229,60 @@ class ServedRuns:
                 record = store.find_run(db, run_id, exact=True)
             except LookupError:
                 return None
+            if record.command == SINGLE_CALL_COMMAND:
+                message = f"rk: run {run_id} was one call's own run and ended with it; start a new run"
+                return Unresolved(410, "run_ended", message)
             if record.command != SERVE_COMMAND or record.status not in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
                 ended = f"{record.status}" + (f": {record.halt_reason}" if record.halt_reason else "")
                 return Unresolved(410, "run_ended", f"rk: run {run_id} has ended ({ended}); start a new run")
             if record.status is RunStatus.RUNNING and record.owner != self.owner:
                 return Unresolved(409, "run_owned", f"rk: run {run_id} is served by another live rk process")
-            t = record.totals
-            return record, Spend(t.cost, t.usage.total_tokens, t.calls), store.last_seq(db, run_id)
+            return _resumable(db, record)
         finally:
             db.close()
+
+    # -- start-up: taking up what earlier servers left --------------------------------------------------
+
+    async def take_up(self) -> None:
+        """Make live every run earlier servers on this ledger left unended and no live process serves, with
+        this server as their owner; end their single calls' runs `interrupted`. Call it before listening."""
+        take, end = await asyncio.to_thread(self._unended)
+        writes = [s for found in take for s in store.reopen_run(found.record.run_id, self.owner)]
+        for record in end:
+            writes += store.finish_run(record.run_id, RunStatus.INTERRUPTED, record.halt_reason, None)
+        if writes:
+            await self.ledger.commit(writes)  # one transaction, however many runs
+        for found in take:
+            await self._resume(found)
+
+    def _unended(self) -> tuple[list[_Resumable], list[RunRecord]]:
+        """What `take_up` takes up and ends, read off the event loop. Reading marks the runs of dead owners
+        `interrupted`; a run still `running` after that has a live owner, and is taken only if that owner is
+        this process (an earlier server in it has stopped)."""
+        db = store.open_reader(self.ledger.path)
+        if db is None:
+            return [], []
+        take: list[_Resumable] = []
+        end: list[RunRecord] = []
+        dead: set[str] = set()
+        try:
+            unended = store.RunFilter(statuses=(RunStatus.RUNNING, RunStatus.INTERRUPTED))
+            for record in list(store.iter_runs(db, unended)):
+                if record.command not in (SERVE_COMMAND, SINGLE_CALL_COMMAND):
+                    continue
+                if record.status is RunStatus.RUNNING and record.owner != self.owner:
+                    continue  # a live process serves it: the lazy path takes it once that process is gone
+                if record.owner is not None and record.owner != self.owner:
+                    dead.add(record.owner)
+                if record.command == SERVE_COMMAND:
+                    take.append(_resumable(db, record))
+                elif record.status is RunStatus.RUNNING:
+                    end.append(record)  # (a single call's run `interrupted` has ended already)
+        finally:
+            db.close()
+        for owner in dead:  # a crash leaves its control file behind: nobody answers at its address any more
+            control.unpublish(control.control_file(owner))
+        return take, end
 
     def _known(self, run_id: str) -> bool:
         db = store.open_reader(self.ledger.path)
@@ -224,6 +297,11 @@ class ServedRuns:
             db.close()
 
 
+def _resumable(db: sqlite3.Connection, record: RunRecord) -> _Resumable:
+    t = record.totals
+    return _Resumable(record, Spend(t.cost, t.usage.total_tokens, t.calls), store.last_seq(db, record.run_id))
+
+
 def _epoch(iso: str) -> float:
     from datetime import datetime
 
@@ -235,7 +313,7 @@ def _budget(spec: Any, default: Budget) -> Budget:
     is the server's default, a null one unlimited."""
     if not isinstance(spec, dict):
         raise ValueError("budget must be an object")
-    fields = {"max_cost_usd", "max_tokens", "max_calls", "max_time_s"}
+    fields = {"max_cost_usd", "max_tokens", "max_calls", "max_time_s", "max_repeats", "strict"}
     unknown = set(spec) - fields
     if unknown:
         raise ValueError(f"unknown budget field {sorted(unknown)[0]!r} (known: {', '.join(sorted(fields))})")
@@ -258,7 +336,15 @@ def _budget(spec: Any, default: Budget) -> Budget:
         max_tokens=get("max_tokens", lambda v: parse_count(v, "tokens"), default.max_tokens),
         max_calls=get("max_calls", lambda v: parse_count(v, "calls"), default.max_calls),
         max_time=get("max_time_s", parse_duration, default.max_time),
+        max_repeats=get("max_repeats", parse_repeats, default.max_repeats),
+        strict=_flag(spec.get("strict", default.strict)),
     )
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("strict must be true or false")
+    return value
 
 
 def check_bind(host: str, auth_token: str | None) -> None:
@@ -320,8 +406,11 @@ async def start(settings: ServeSettings) -> Server:
     runs = ServedRuns(ledger, defaults, settings.auth_token)
     token = settings.auth_token or control.new_token()
     try:
+        await runs.take_up()  # before listening: no call can open a run it is taking up
         servers, url = await start_proxy(defaults, runs, token, prefixed=True, host=settings.host, port=settings.port)
     except BaseException:
+        for run in runs.live():
+            run.stop_clock()
         await asyncio.to_thread(ledger.close)
         raise
     published = control.publish(runs.owner, control.Control(url, token))

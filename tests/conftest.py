@@ -24,6 +24,15 @@ from riskkernel.proxy.run import LiveRun, OneRun
 from tests.fakes import FakeUpstream
 
 SECRET = "sk-test-SECRETMARKER-0123456789abcdef"
+# A run budget of $0.50 and nothing else, as the ledger's JSON (and --json) shows it.
+HALF_DOLLAR_BUDGET = {
+    "max_cost_usd": "0.50",
+    "max_tokens": None,
+    "max_calls": None,
+    "max_time_s": None,
+    "max_repeats": None,
+    "strict": False,
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,7 @@ class Scripted:
     break_after: int | None = None  # close the connection after this many stream events
     error_after: int | None = None  # after this many stream events, send the provider's error event and end
     linger: float = 0.0  # after the last event, wait this long before closing the stream
+    usage_for: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # usage as this makes it of the request
 
     def whole(self) -> bytes:
         raise NotImplementedError
@@ -536,6 +539,8 @@ class FakeUpstream:
         if reply.body is not None or reply.status != 200:
             return web.Response(status=reply.status, body=reply.body or b"", content_type="application/json")
         obj = json.loads(body) if body else {}
+        if reply.usage_for is not None:
+            reply = dataclasses.replace(reply, usage=reply.usage_for(obj))  # type: ignore[call-arg]
         if not (obj.get("stream") or resumed):
             return web.Response(body=reply.whole(), content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})

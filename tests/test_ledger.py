@@ -13,6 +13,7 @@ from riskkernel.ledger import store
 from riskkernel.ledger.migrations import MIGRATIONS, migrate
 from riskkernel.ledger.store import Ledger
 from riskkernel.models import Budget, CallRecord, Flag, RunRecord, RunStatus, Usage, now_iso
+from tests.conftest import HALF_DOLLAR_BUDGET
 
 EXPECTED_SCHEMA = {
     "_migrations": ["name", "applied_at"],
@@ -63,6 +64,8 @@ EXPECTED_SCHEMA = {
         "ttfb_ms",
         "error",
         "cache_savings_pusd",
+        "reserved_pusd",
+        "output_limit",
     ],
     "call_rollups": [
         "run_id",
@@ -92,7 +95,7 @@ def schema(db: sqlite3.Connection) -> dict[str, list[str]]:
 
 def test_migrating_an_empty_database_gives_the_expected_schema_once(tmp_path: Path) -> None:
     db = store.connect(tmp_path / "l.db")
-    assert migrate(db) == ["m001_runs_and_calls", "m002_cache_savings", "m003_call_rollups"]
+    assert migrate(db) == ["m001_runs_and_calls", "m002_cache_savings", "m003_call_rollups", "m004_reservations"]
     assert schema(db) == EXPECTED_SCHEMA
     assert migrate(db) == []
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -192,10 +195,10 @@ def test_runs_and_calls_round_trip_with_totals(tmp_path: Path) -> None:
     calls = list(store.iter_calls(db, "r1"))
     assert [c.seq for c in calls] == [1, 2, 3]
     assert calls[0].to_json()["cost_usd"] == "0.000123456789" and calls[2].flags == ("refused",)
-    lines, refused = store.model_breakdown(db, "r1")
-    assert refused == 1 and [(line.model, line.calls) for line in lines] == [("gpt-4o-2024-08-06", 2)]
+    lines, held = store.model_breakdown(db, "r1")
+    assert held == store.Held(refused=1) and [(line.model, line.calls) for line in lines] == [("gpt-4o-2024-08-06", 2)]
     data = run.to_json(calls)
-    assert data["budget"] == {"max_cost_usd": "0.50", "max_tokens": None, "max_calls": None, "max_time_s": None}
+    assert data["budget"] == HALF_DOLLAR_BUDGET
     assert data["totals"]["cost_usd"] == "0.000246913578"
     json.dumps(data)
 

@@ -17,7 +17,7 @@ from riskkernel import paths
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger
 from riskkernel.models import Budget, CallRecord, Flag, RunRecord, RunStatus, Usage, iso
-from tests.conftest import rk
+from tests.conftest import HALF_DOLLAR_BUDGET, rk
 
 NOW = datetime.now(UTC)
 
@@ -156,7 +156,7 @@ async def test_show_json_is_the_run_with_every_call(ledger: dict[str, list[CallR
     done = await rk("ledger", "show", "aaaa", "--json")
     data = json.loads(done.stdout)
     assert data["run_id"] == ALPHA and data["name"] == "alpha" and data["status"] == "completed"
-    assert data["budget"] == {"max_cost_usd": "0.50", "max_tokens": None, "max_calls": None, "max_time_s": None}
+    assert data["budget"] == HALF_DOLLAR_BUDGET
     assert data["totals"]["cost_usd"] == "0.013500000001" and data["totals"]["calls"] == 3
     assert [c["seq"] for c in data["calls"]] == [1, 2, 3, 4]
     assert data["calls"][3]["flags"] == ["refused"] and data["calls"][3]["status"] == 402
@@ -176,10 +176,10 @@ async def test_show_text_has_the_cost_table_and_the_calls(ledger: dict[str, list
         assert re.search(r"budget cost █{20} \$0\.5103 of \$0\.50 102%", flat)
         lines = text.splitlines()
         if env:
-            assert "seq model stream status input cached output cost ms flags" in flat
+            assert "seq model stream status input cached output cost reserved ms flags" in flat
             assert "1 gpt-4o-mini 200 1,000 100 10 $0.0003 5 estimated" in flat
         else:  # piped: the calls tab-separated
-            assert "1\tgpt-4o-mini\t\t200\t1,000\t100\t10\t$0.0003\t5\testimated" in lines
+            assert "1\tgpt-4o-mini\t\t200\t1,000\t100\t10\t$0.0003\t\t5\testimated" in lines
     narrow = await rk("ledger", "show", "bbbb", env={**TERMINAL, "COLUMNS": "60"})
     first = narrow.stdout.decode().splitlines()[0]
     assert (

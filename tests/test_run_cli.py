@@ -339,7 +339,14 @@ async def test_the_json_summary_has_the_contract_shape(tmp_path: Path, fake: Fak
         "call_budget_exceeded",
         3,
     )
-    assert data["budget"] == {"max_cost_usd": "5.00", "max_tokens": None, "max_calls": 1, "max_time_s": None}
+    assert data["budget"] == {
+        "max_cost_usd": "5.00",
+        "max_tokens": None,
+        "max_calls": 1,
+        "max_time_s": None,
+        "max_repeats": None,
+        "strict": False,
+    }
     # 600 plain at $2.50, 400 cached at $1.25, 200 out at $10 per 1M
     assert data["totals"] == {
         "calls": 1,
@@ -374,7 +381,9 @@ async def test_the_api_key_never_reaches_the_ledger_or_stderr(tmp_path: Path, fa
 
 
 async def test_settings_come_from_flags_then_environment_then_config_file(tmp_path: Path) -> None:
-    (tmp_path / "rk.toml").write_text('max_calls = 11\nmax_time = "15m"\nmax_cost = 2\n[tags]\nfrom = "file"\n')
+    (tmp_path / "rk.toml").write_text(
+        'max_calls = 11\nmax_time = "15m"\nmax_cost = 2\nmax_repeats = 4\nstrict = true\n[tags]\nfrom = "file"\n'
+    )
     script = agent_script(tmp_path, "")
 
     async def budget(*flags: str, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -389,12 +398,14 @@ async def test_settings_come_from_flags_then_environment_then_config_file(tmp_pa
         "max_tokens": None,
         "max_calls": 11,
         "max_time_s": 900.0,
+        "max_repeats": 4,
+        "strict": True,
         "tags": {"from": "file"},
     }
     from_env = await budget(env={"RK_MAX_CALLS": "12", "RK_MAX_COST": "unlimited"})
     assert (from_env["max_calls"], from_env["max_cost_usd"], from_env["max_time_s"]) == (12, None, 900.0)
-    from_flag = await budget("--max-calls", "13", env={"RK_MAX_CALLS": "12"})
-    assert from_flag["max_calls"] == 13
+    from_flag = await budget("--max-calls", "13", env={"RK_MAX_CALLS": "12", "RK_STRICT": "0"})
+    assert from_flag["max_calls"] == 13 and from_flag["strict"] is False
 
 
 async def test_a_bad_config_file_stops_rk_with_one_line(tmp_path: Path) -> None:

@@ -106,8 +106,8 @@ def show(
         print()
         return
     console = output.stdout()
-    lines, refused = store.model_breakdown(db, run.run_id)
-    console.print(output.cost_table(run, lines, refused, width=console.width))
+    lines, held = store.model_breakdown(db, run.run_id)
+    console.print(output.cost_table(run, lines, held, width=console.width))
     console.print(f"command: {' '.join(run.command)}   cwd: {run.cwd}   started: {run.started_at}")
     console.file.flush()
     output.write_calls(sys.stdout, store.iter_calls(db, run.run_id), aligned=console.is_terminal)

@@ -20,7 +20,7 @@ from rich.text import Text
 from riskkernel.models import Budget, CallRecord, RunRecord
 
 if TYPE_CHECKING:
-    from riskkernel.ledger.store import ModelLine
+    from riskkernel.ledger.store import Held, ModelLine
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -65,7 +65,10 @@ def budget_summary(budget: Budget) -> str:
         parts.append(f"calls {count(budget.max_calls)}")
     if budget.max_time is not None:
         parts.append(f"time {duration(budget.max_time)}")
-    return ", ".join(parts) or "unlimited"
+    if budget.max_repeats is not None:
+        parts.append(f"repeats {budget.max_repeats}")
+    summary = ", ".join(parts) or "unlimited"
+    return f"{summary} (strict)" if budget.strict else summary
 
 
 def elapsed(run: RunRecord) -> float:
@@ -116,7 +119,26 @@ def _status(run: RunRecord) -> str:
     return f"halted: {run.halt_reason}" if run.halt_reason else str(run.status)
 
 
-def cost_table(run: RunRecord, lines: list[ModelLine], refused: int, width: int | None = None) -> Group:
+def held_notes(held: Held) -> list[str]:
+    """What the table says of the calls rk refused or clamped: reserved against actual, in a line each."""
+    notes = []
+    if held.refused:
+        note = f"{held.refused} call{'s' if held.refused != 1 else ''} refused by rk (402), never sent upstream"
+        if held.short:
+            note += (
+                f"; {held.short} because their worst case (up to {money(held.largest_short)}) did not fit what the"
+                " budget had left"
+            )
+        notes.append(note + ".")
+    if held.clamped:
+        notes.append(
+            f"{held.clamped} call{'s' if held.clamped != 1 else ''} had their output limit lowered to fit the budget"
+            " (--strict)."
+        )
+    return notes
+
+
+def cost_table(run: RunRecord, lines: list[ModelLine], held: Held, width: int | None = None) -> Group:
     """The table `rk run` prints on exit: per model, totals, each budget as a bar of used/limit, the halt;
     on a terminal narrower than COMPACT_BELOW columns, one line."""
     if width is not None and width < COMPACT_BELOW:
@@ -162,8 +184,7 @@ def cost_table(run: RunRecord, lines: list[ModelLine], refused: int, width: int 
         notes.append(Text("~ some usage was estimated (a stream was cut, or the upstream reported none)."))
     if savings:
         notes.append(Text(f"saved: what cache reads saved over the input price ({money(savings)} in all)."))
-    if refused:
-        notes.append(Text(f"{refused} call{'s' if refused != 1 else ''} refused by rk (402), never sent upstream."))
+    notes.extend(Text(note) for note in held_notes(held))
     used = budget_usage(run)
     if not used:
         return Group(head, table, *notes, Text("budget: unlimited"))
@@ -191,7 +212,7 @@ def compact_line(run: RunRecord, lines: list[ModelLine]) -> Text:
     return line
 
 
-def markdown_summary(run: RunRecord, lines: list[ModelLine], refused: int) -> str:
+def markdown_summary(run: RunRecord, lines: list[ModelLine], held: Held) -> str:
     """The cost table as GitHub-flavoured Markdown, for a CI job summary (`GITHUB_STEP_SUMMARY`)."""
     title = run.name or " ".join(run.command)
     out = [
@@ -216,8 +237,7 @@ def markdown_summary(run: RunRecord, lines: list[ModelLine], refused: int) -> st
     out.append("Budget: " + (" · ".join(f"{d.name} {d.text} ({d.share:.0%})" for d in used) if used else "unlimited"))
     if run.halt_reason:
         out.append(f"\n**Halted: `{run.halt_reason}`** — later calls were refused (HTTP 402).")
-    if refused:
-        out.append(f"\n{refused} call{'s' if refused != 1 else ''} refused by rk, never sent upstream.")
+    out.extend(f"\n{note}" for note in held_notes(held))
     if any(line.unpriced for line in lines):
         out.append("\n**Unpriced models were charged $0: their real cost is unknown to rk.**")
     out.append(f"\nRun `{run.run_id}`" + (f", exit status {run.exit_status}" if run.exit_status is not None else ""))
@@ -231,8 +251,8 @@ def _md(text: str) -> str:
 def write_calls(out: TextIO, calls: Iterable[CallRecord], *, aligned: bool) -> None:
     """A run's calls a line each, as they come from the ledger: aligned columns under a header on a
     terminal, tab-separated without one when piped."""
-    header = ("seq", "model", "stream", "status", "input", "cached", "output", "cost", "ms", "flags")
-    widths = (6, 28, 6, 6, 10, 10, 10, 12, 8, 0)
+    header = ("seq", "model", "stream", "status", "input", "cached", "output", "cost", "reserved", "ms", "flags")
+    widths = (6, 28, 6, 6, 10, 10, 10, 12, 12, 8, 0)
     if aligned:
         out.write(_aligned(header, widths) + "\n")
     batch = []
@@ -247,8 +267,11 @@ def write_calls(out: TextIO, calls: Iterable[CallRecord], *, aligned: bool) -> N
             count(u.cached_input_tokens),
             count(u.output_tokens),
             money(call.cost),
+            "" if call.reserved is None else money(call.reserved),
             f"{call.latency_ms:.0f}",
-            ",".join(call.flags) + (f" {call.error}" if call.error else ""),
+            ",".join(call.flags)
+            + (f" output {call.output_limit}" if call.output_limit is not None else "")
+            + (f" {call.error}" if call.error else ""),
         )
         batch.append(_aligned(row, widths) if aligned else "\t".join(row))
         if len(batch) >= 500:
@@ -262,5 +285,5 @@ def write_calls(out: TextIO, calls: Iterable[CallRecord], *, aligned: bool) -> N
 def _aligned(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:
     parts = []
     for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
-        parts.append(cell.ljust(width) if i in (1, 9) else cell.rjust(width))
+        parts.append(cell.ljust(width) if i in (1, 10) else cell.rjust(width))
     return "  ".join(parts).rstrip()

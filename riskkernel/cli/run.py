@@ -11,6 +11,7 @@ import typer
 from riskkernel.cli.prices import PANEL as PRICES
 from riskkernel.cli.prices import PriceFlags, PricesFile
 from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
+from riskkernel.governor import STRICT_MIN_OUTPUT
 
 if TYPE_CHECKING:
     from riskkernel.config import RunSettings
@@ -57,6 +58,25 @@ MaxTime = Annotated[
         envvar=ENV["max_time"],
         rich_help_panel=BUDGET,
         help="Wall clock from the start of the run: 90, 90s, 15m, 2h.",
+    ),
+]
+MaxRepeats = Annotated[
+    str,
+    typer.Option(
+        envvar=ENV["max_repeats"],
+        rich_help_panel=BUDGET,
+        help="Halt the run (loop_detected) when the same request — model, messages or input, tools; not "
+        "temperature or other settings — is sent this many times.",
+    ),
+]
+Strict = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        envvar=ENV["strict"],
+        rich_help_panel=BUDGET,
+        help="Hard cap: a call that could cost more than is left gets its output limit lowered to what is left "
+        f"(refused below {STRICT_MIN_OUTPUT} tokens), so spend never passes --max-cost or --max-tokens.",
     ),
 ]
 OpenAIUpstream = Annotated[
@@ -117,6 +137,8 @@ def run(
     max_tokens: MaxTokens = UNLIMITED,
     max_calls: MaxCalls = UNLIMITED,
     max_time: MaxTime = UNLIMITED,
+    max_repeats: MaxRepeats = UNLIMITED,
+    strict: Strict = False,
     on_halt: Annotated[
         OnHalt,
         typer.Option(
@@ -219,7 +241,9 @@ def proxy_settings(ctx: typer.Context) -> RunSettings:
     p = ctx.params  # as click parsed them: a path is still a string here
     prices_file = Path(p["prices_file"]) if p["prices_file"] is not None else None
     return RunSettings(
-        budget=parse_budget(p["max_cost"], p["max_tokens"], p["max_calls"], p["max_time"]),
+        budget=parse_budget(
+            p["max_cost"], p["max_tokens"], p["max_calls"], p["max_time"], p["max_repeats"], p["strict"]
+        ),
         openai_upstream=parse_upstream(p["openai_upstream"]),
         anthropic_upstream=parse_upstream(p["anthropic_upstream"]),
         mock=p["mock"],
@@ -294,10 +318,10 @@ def _report(run_id: str, quiet: bool, json_file: Path | None, remote: dict[str, 
             json_file.write_text(dumps(remote) + "\n")
         return
     try:
-        lines, refused = store.model_breakdown(db, run_id)
+        lines, held = store.model_breakdown(db, run_id)
         if not quiet:
             width = output.stderr.width if output.stderr.is_terminal else None
-            output.stderr.print(output.cost_table(record, lines, refused, width=width))
+            output.stderr.print(output.cost_table(record, lines, held, width=width))
         if json_file is not None:
             with json_file.open("w", encoding="utf-8") as f:
                 write_run(f, db, record)
@@ -306,7 +330,7 @@ def _report(run_id: str, quiet: bool, json_file: Path | None, remote: dict[str, 
         if step_summary:
             try:
                 with open(step_summary, "a", encoding="utf-8") as f:
-                    f.write(output.markdown_summary(record, lines, refused))
+                    f.write(output.markdown_summary(record, lines, held))
             except OSError as exc:
                 output.error(f"cannot append to GITHUB_STEP_SUMMARY ({step_summary}): {exc.strerror or exc}")
     finally:

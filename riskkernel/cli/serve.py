@@ -13,10 +13,12 @@ from riskkernel.cli.run import (
     AnthropicUpstream,
     MaxCalls,
     MaxCost,
+    MaxRepeats,
     MaxTime,
     MaxTokens,
     Mock,
     OpenAIUpstream,
+    Strict,
 )
 from riskkernel.config import DEFAULT_MAX_COST, UNLIMITED
 
@@ -58,6 +60,8 @@ def serve(
     max_tokens: MaxTokens = UNLIMITED,
     max_calls: MaxCalls = UNLIMITED,
     max_time: MaxTime = UNLIMITED,
+    max_repeats: MaxRepeats = UNLIMITED,
+    strict: Strict = False,
     openai_upstream: OpenAIUpstream = None,
     anthropic_upstream: AnthropicUpstream = None,
     mock: Mock = False,

@@ -168,3 +168,11 @@ def m003_call_rollups(db: sqlite3.Connection) -> None:
         """
     )
     db.execute(rollup.format("IN (SELECT id FROM runs WHERE status != 'running')"))
+
+
+@migration
+def m004_reservations(db: sqlite3.Connection) -> None:
+    """The worst case each metered call was admitted or refused against, and the output limit rk set on it
+    under --strict, so that a refusal or a clamp can be explained from the ledger (NULL for calls before)."""
+    db.execute("ALTER TABLE calls ADD COLUMN reserved_pusd INTEGER")
+    db.execute("ALTER TABLE calls ADD COLUMN output_limit INTEGER")

@@ -33,6 +33,7 @@ from riskkernel.models import (
     Budget,
     CallRecord,
     Flag,
+    Refusal,
     RunRecord,
     RunStatus,
     Totals,
@@ -299,7 +300,7 @@ def reopen_run(run_id: str, owner: str) -> Write:
 _CALL_COLUMNS = (
     "run_id, seq, started_at, endpoint, provider, requested_model, model, stream, status, "
     + ", ".join(CALL_USAGE_COLUMNS)
-    + ", cost_pusd, price_source, flags, latency_ms, ttfb_ms, error, cache_savings_pusd"
+    + ", cost_pusd, price_source, flags, latency_ms, ttfb_ms, error, cache_savings_pusd, reserved_pusd, output_limit"
 )
 _INSERT_CALL = f"INSERT INTO calls ({_CALL_COLUMNS}) VALUES ({', '.join('?' * len(_CALL_COLUMNS.split(',')))})"
 
@@ -323,6 +324,8 @@ def insert_call(call: CallRecord) -> Write:
         call.ttfb_ms,
         call.error,
         to_pusd(call.cache_savings),
+        None if call.reserved is None else to_pusd(call.reserved),
+        call.output_limit,
     )
     return ((_INSERT_CALL, row),)
 
@@ -446,7 +449,7 @@ def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:
     cursor = db.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE run_id = ? ORDER BY seq", (run_id,))
     n = len(CALL_USAGE_COLUMNS)
     for row in cursor:
-        cost, source, flags, latency, ttfb, error, savings = row[9 + n :]
+        cost, source, flags, latency, ttfb, error, savings, reserved, output_limit = row[9 + n :]
         yield CallRecord(
             run_id=row[0],
             seq=row[1],
@@ -465,6 +468,8 @@ def iter_calls(db: sqlite3.Connection, run_id: str) -> Iterator[CallRecord]:
             ttfb_ms=ttfb,
             error=error,
             cache_savings=from_pusd(savings),
+            reserved=None if reserved is None else from_pusd(reserved),
+            output_limit=output_limit,
         )
 
 
@@ -481,8 +486,19 @@ class ModelLine:
     cache_savings: Decimal
 
 
-def model_breakdown(db: sqlite3.Connection, run_id: str) -> tuple[list[ModelLine], int]:
-    """Per-model totals of a run's counted calls, and how many calls rk refused."""
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The calls of a run that rk held back: refused (with 402), and of those, refused because their worst
+    case did not fit what the budget had left (the largest such worst case); clamped under --strict."""
+
+    refused: int = 0
+    short: int = 0
+    largest_short: Decimal = Decimal(0)
+    clamped: int = 0
+
+
+def model_breakdown(db: sqlite3.Connection, run_id: str) -> tuple[list[ModelLine], Held]:
+    """Per-model totals of a run's counted calls, and the calls rk refused or clamped."""
     rows = db.execute(
         f"SELECT {_MODEL}, count(*), "
         + ", ".join(f"sum({c})" for c in USAGE_COLUMNS)
@@ -503,10 +519,13 @@ def model_breakdown(db: sqlite3.Connection, run_id: str) -> tuple[list[ModelLine
         )
         for row in rows
     ]
-    refused = db.execute(
-        "SELECT count(*) FROM calls WHERE run_id = ? AND instr(flags, ?) > 0", (run_id, Flag.REFUSED)
-    ).fetchone()[0]
-    return lines, refused
+    refused, short, largest, clamped = db.execute(
+        "SELECT count(*) FILTER (WHERE instr(flags, ?) > 0), count(*) FILTER (WHERE error = ?),"
+        " coalesce(max(reserved_pusd) FILTER (WHERE error = ?), 0), count(*) FILTER (WHERE instr(flags, ?) > 0)"
+        " FROM calls WHERE run_id = ?",
+        (Flag.REFUSED, Refusal.INSUFFICIENT_BUDGET, Refusal.INSUFFICIENT_BUDGET, Flag.CLAMPED, run_id),
+    ).fetchone()
+    return lines, Held(refused, short, from_pusd(largest), clamped)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,14 @@ from riskkernel.providers.sse import Event
 
 CHARS_PER_TOKEN = 4  # how rk estimates tokens from text it has not been told the usage of
 MEDIA_TOKENS = 1000  # flat estimate for one image, audio clip, file or document in a request
+# What `--strict` takes as the most input a request can be: a token is at least one byte of text (so a
+# part's UTF-8 bytes bound its tokens, keys and quoting paying for the chat template's few tokens per
+# message), a number or literal at most SCALAR_BOUND tokens, and one media part at most MEDIA_BOUND (the
+# most an image costs on OpenAI's and Anthropic's current models; long audio and many-page files can cost
+# more, the one input `--strict` cannot bound).
+SCALAR_BOUND = 8
+MEDIA_BOUND = 3000
+REQUEST_BOUND = 16  # tokens every request carries beyond its parts (the reply's priming)
 _MEDIA = ("image", "audio", "file", "document")  # in a part's type: its payload is binary, not text
 
 
@@ -33,6 +41,11 @@ class Request:
     body: bytes  # what goes upstream: the client's bytes, except where the endpoint must change them
     input_tokens: int  # estimated from the body
     max_output_tokens: int | None  # the request's own output limit; None if it set none, 0 if it has no output
+    input_bound: int = 0  # the most input tokens it can be (see MEDIA_BOUND): what `--strict` reserves
+    output_field: str | None = None  # the top-level field that limits its output, which `--strict` may set
+    cache_writes: bool = False  # it may write the prompt cache, which Anthropic bills above plain input
+    parts: tuple[str, ...] = ()  # the fields that say what it asks (messages or input, system, tools)
+    parsed: dict[str, Any] | None = None  # the body as parsed, until rk has taken what it needs of it
     service_tier: str | None = None
     hide_usage: bool = False  # rk asked the upstream for stream usage the client did not ask for
     choices: int = 1  # how many completions the request asks for (`n`): each may use the output limit
@@ -167,25 +180,75 @@ def estimate_tokens(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
-def estimate_input_tokens(obj: Any) -> int:
-    """Tokens in a parsed request part: a token for every 4 characters of its keys and strings, and a flat
-    1,000 for each media part (image, audio, file, document), whose base64 payload says little about the
-    tokens it costs. Iterative, so no nesting is too deep for it."""
-    chars = media = 0
-    stack = [obj]
+def measure_input(obj: dict[str, Any], fields: tuple[str, ...]) -> tuple[int, int]:
+    """A request's input tokens, estimated and at most, from its parts `fields`.
+
+    The estimate: a token for every 4 characters of the parts' keys and strings, and a flat 1,000 for each
+    media part (image, audio, file, document), whose base64 payload says little about the tokens it costs.
+    The bound: see MEDIA_BOUND. Iterative, so no nesting is too deep for it."""
+    chars = size = media = 0
+    stack = [obj.get(name) for name in fields]
     while stack:
         node = stack.pop()
         if isinstance(node, str):
             chars += len(node)
+            size += len(node) if node.isascii() else len(node.encode("utf-8", "surrogatepass"))
         elif isinstance(node, dict):
             kind = node.get("type")
             if isinstance(kind, str) and any(word in kind for word in _MEDIA):
                 media += 1
                 continue
-            chars += sum(len(key) for key in node)
+            for key in node:
+                chars += len(key)
+                size += len(key) if key.isascii() else len(key.encode("utf-8", "surrogatepass"))
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
         elif node is not None:
             chars += 2
-    return estimate_tokens(chars) + media * MEDIA_TOKENS
+            size += SCALAR_BOUND
+    return estimate_tokens(chars) + media * MEDIA_TOKENS, REQUEST_BOUND + size + media * MEDIA_BOUND
+
+
+def subject(request: Request) -> bytes:
+    """What a request asks, for telling a repeated request: its model and its parts (messages or input,
+    system, tools) as canonical JSON. Sampling settings (temperature, seed, output limit, stream) are left
+    out: an agent that retries the same question at another temperature is still looping."""
+    obj = request.parsed or {}
+    asked = {name: obj.get(name) for name in request.parts}
+    asked["model"] = request.model
+    return json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def set_top_level(body: bytes, name: str, value: int) -> bytes:
+    """`body` (a JSON object) with its top-level field `name` set to `value`, every other byte as it was;
+    the field is added at the end if the object has none. The object is walked with the json module's own
+    scanner, so a key of the same name inside a message or a tool schema is never touched."""
+    text = body.decode("utf-8", "surrogatepass")
+    spans = []  # where each top-level `name` value is (a duplicate key counts where it is last)
+    i = _WHITESPACE.match(text, 0).end() + 1  # type: ignore[union-attr]  # past the opening brace
+    while True:
+        i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+        if text[i] == "}":
+            break
+        key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        i = _WHITESPACE.match(text, i).end() + 1  # type: ignore[union-attr]  # past the colon
+        start = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+        _, i = _DECODER.raw_decode(text, start)
+        if key == name:
+            spans.append((start, i))
+        i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+        if text[i] == "}":
+            break
+        i += 1  # past the comma
+    if not spans:
+        end = text.rindex("}")
+        comma = "," if text[:end].rstrip()[-1] != "{" else ""
+        return (text[:end] + f'{comma}"{name}":{value}' + text[end:]).encode("utf-8", "surrogatepass")
+    for start, stop in reversed(spans):
+        text = text[:start] + str(value) + text[stop:]
+    return text.encode("utf-8", "surrogatepass")

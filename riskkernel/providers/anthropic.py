@@ -25,8 +25,8 @@ from riskkernel.providers import (
     Position,
     Provider,
     Request,
-    estimate_input_tokens,
     load_object,
+    measure_input,
     positive_int,
     sse,
     text_len,
@@ -71,13 +71,20 @@ PROVIDER = Provider(
 def parse_messages(body: bytes) -> Request:
     obj = load_object(body)
     tier = obj.get("service_tier")
+    parts = ("system", "messages", "tools")
+    estimate, bound = measure_input(obj, parts)
     return Request(
         model=obj["model"],
         stream=bool(obj.get("stream")),
         body=body,
-        input_tokens=sum(estimate_input_tokens(obj.get(name)) for name in ("system", "messages", "tools")),
+        input_tokens=estimate,
         max_output_tokens=positive_int(obj.get("max_tokens")) or None,
         service_tier=tier if isinstance(tier, str) else None,
+        input_bound=bound,
+        output_field="max_tokens",
+        cache_writes=b'"cache_control"' in body,
+        parts=parts,
+        parsed=obj,
     )
 
 

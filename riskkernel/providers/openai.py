@@ -30,8 +30,8 @@ from riskkernel.providers import (
     Position,
     Provider,
     Request,
-    estimate_input_tokens,
     load_object,
+    measure_input,
     positive_int,
     sse,
     text_len,
@@ -96,10 +96,6 @@ def _tier(obj: dict[str, Any]) -> str | None:
     return tier if isinstance(tier, str) else None
 
 
-def _estimate(obj: dict[str, Any], *fields: str) -> int:
-    return sum(estimate_input_tokens(obj.get(name)) for name in fields)
-
-
 def _wants_usage(obj: dict[str, Any]) -> bool:
     options = obj.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
@@ -113,61 +109,70 @@ def _force_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     return json.dumps({**obj, "stream_options": {**options, "include_usage": True}}, ensure_ascii=False).encode()
 
 
-def _usage_streamed_request(
-    body: bytes, obj: dict[str, Any], input_fields: tuple[str, ...], output: int | None
+def _request(
+    body: bytes, obj: dict[str, Any], parts: tuple[str, ...], output: int | None, output_field: str | None
 ) -> Request:
-    """A chat or completions request, with stream usage forced on if the client streams without it."""
-    stream = bool(obj.get("stream"))
-    hide_usage = stream and not _wants_usage(obj)
+    estimate, bound = measure_input(obj, parts)
     return Request(
         model=obj["model"],
-        stream=stream,
-        body=_force_include_usage(body, obj) if hide_usage else body,
-        input_tokens=_estimate(obj, *input_fields),
+        stream=bool(obj.get("stream")),
+        body=body,
+        input_tokens=estimate,
         max_output_tokens=output,
         service_tier=_tier(obj),
-        hide_usage=hide_usage,
-        choices=max(positive_int(obj.get("n")), positive_int(obj.get("best_of")), 1),
+        input_bound=bound,
+        output_field=output_field,
+        parts=parts,
+        parsed=obj,
     )
+
+
+def _usage_streamed(request: Request, obj: dict[str, Any]) -> Request:
+    """A chat or completions request, with stream usage forced on if the client streams without it, and as
+    many completions as it asks for."""
+    request.hide_usage = request.stream and not _wants_usage(obj)
+    if request.hide_usage:
+        request.body = _force_include_usage(request.body, obj)
+    request.choices = max(positive_int(obj.get("n")), positive_int(obj.get("best_of")), 1)
+    return request
+
+
+_CHAT_PARTS = ("messages", "tools", "functions")
 
 
 def parse_chat(body: bytes) -> Request:
     obj = load_object(body)
     output = positive_int(obj.get("max_completion_tokens")) or positive_int(obj.get("max_tokens")) or None
-    return _usage_streamed_request(body, obj, ("messages", "tools", "functions"), output)
+    # `--strict` lowers the limit the request set, else sets the current one (the o-series refuse max_tokens).
+    field = "max_tokens" if "max_tokens" in obj and "max_completion_tokens" not in obj else "max_completion_tokens"
+    return _usage_streamed(_request(body, obj, _CHAT_PARTS, output, field), obj)
 
 
 def parse_completions(body: bytes) -> Request:
     obj = load_object(body)
     output = positive_int(obj.get("max_tokens")) if "max_tokens" in obj else COMPLETIONS_DEFAULT_MAX_TOKENS
-    return _usage_streamed_request(body, obj, ("prompt", "suffix"), output or None)
+    return _usage_streamed(_request(body, obj, ("prompt", "suffix"), output or None, "max_tokens"), obj)
 
 
 def parse_responses(body: bytes) -> Request:
     obj = load_object(body)
-    return Request(
-        model=obj["model"],
-        stream=bool(obj.get("stream")),
-        body=body,
-        input_tokens=_estimate(obj, "input", "instructions", "tools"),
-        max_output_tokens=positive_int(obj.get("max_output_tokens")) or None,
-        service_tier=_tier(obj),
-        detached=bool(obj.get("background")),
-    )
+    output = positive_int(obj.get("max_output_tokens")) or None
+    request = _request(body, obj, ("input", "instructions", "tools"), output, "max_output_tokens")
+    request.detached = bool(obj.get("background"))
+    return request
 
 
 def parse_embeddings(body: bytes) -> Request:
     obj = load_object(body)
     if obj.get("stream"):
         raise ValueError("rk: embeddings are not streamed")
+    request = _request(body, obj, ("input",), 0, None)
     data = obj.get("input")
     if isinstance(data, list) and data and all(isinstance(x, int) for x in data):
-        tokens = len(data)  # one input given as token ids
+        request.input_tokens = request.input_bound = len(data)  # one input given as token ids
     elif isinstance(data, list) and data and all(isinstance(x, list) for x in data):
-        tokens = sum(len(x) for x in data)  # several inputs given as token ids
-    else:
-        tokens = estimate_input_tokens(data)
-    return Request(model=obj["model"], stream=False, body=body, input_tokens=tokens, max_output_tokens=0)
+        request.input_tokens = request.input_bound = sum(len(x) for x in data)  # several inputs as token ids
+    return request
 
 
 # -- responses --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from riskkernel.governor import ZERO, Refused, Spend, Ticket
+from riskkernel.governor import STRICT_MIN_OUTPUT, ZERO, Refused, Spend, Ticket
 from riskkernel.ledger.store import insert_call
 from riskkernel.models import CallRecord, Flag, HaltReason, Refusal, Usage, now_iso, usd
 from riskkernel.pricing import MISSING, PriceBook, Rates, how_to_price
@@ -46,8 +46,11 @@ from riskkernel.providers import (
     StreamMeter,
     estimate_tokens,
     redact,
+    set_top_level,
+    subject,
 )
 from riskkernel.providers.catalog import ENDPOINTS, FREE_POSTS, provider_for
+from riskkernel.providers.limits import output_limit
 from riskkernel.providers.sse import SSEDecoder
 from riskkernel.proxy import api
 from riskkernel.proxy.run import LiveCall, LiveRun, Runs
@@ -56,7 +59,6 @@ log = logging.getLogger("riskkernel")
 
 MAX_BODY = 32 * 1024 * 1024  # larger request bodies get 413 and are never forwarded
 MAX_EVENT = 16 * 1024 * 1024  # an SSE event that grows past this is a broken stream
-OUTPUT_RESERVE = 4096  # output tokens reserved for a call that sets no output limit of its own
 CONNECT_TIMEOUT = 30.0
 # Longest silence from an upstream before rk gives up on it: the SDKs' own default timeout is 10 minutes,
 # and a long generation sends nothing until it is done, so this never cuts a call a client still waits for.
@@ -238,14 +240,66 @@ class _Call:
         self.started_at = now_iso()
         self.ttfb_ms: float | None = None
         self.live = LiveCall()
-        output = OUTPUT_RESERVE if req.max_output_tokens is None else req.max_output_tokens
-        self.worst = Usage(input_tokens=req.input_tokens, output_tokens=output * req.choices)
+        self.strict = run.governor.budget.strict
+        # Its worst case: all the input it can be (under --strict, the bound; else the estimate) and all the
+        # output it may ask for, per completion: its own limit, else its model's.
+        self.limit = output_limit(req.model) if req.max_output_tokens is None else req.max_output_tokens
+        self.worst = self._worst(self.limit)
+        self.reserved: Decimal | None = None  # what it was admitted or refused against
+        self.clamped: int | None = None  # the output limit rk set on it (under --strict)
         self.meter: StreamMeter | None = None  # once a streamed answer is being metered
         self.stream: web.StreamResponse | None = None  # once a streamed answer has begun
         self.recorded = False
 
     def rk_headers(self, cost: Decimal | None = None) -> dict[str, str]:
         return _rk_headers(self.run, self.seq, cost)
+
+    def _worst(self, limit: int) -> Usage:
+        req = self.req
+        input_tokens = req.input_bound if self.strict else req.input_tokens
+        return Usage(input_tokens=input_tokens, output_tokens=limit * req.choices)
+
+    def _worst_cost(self, worst: Usage) -> Decimal:
+        if self.rates is None:
+            return ZERO
+        if not self.strict:
+            return self.rates.cost(worst)
+        fixed, per_output = self.rates.worst_case(worst.input_tokens, self.req.cache_writes)
+        return fixed + worst.output_tokens * per_output
+
+    def admit(self) -> Ticket | Refused:
+        """Reserve the call's worst case in its run, or be refused. Under --strict, a call whose worst case
+        does not fit what is left is first given the output limit the rest can pay for (not below
+        STRICT_MIN_OUTPUT), in the request field the provider reads."""
+        req, governor = self.req, self.run.governor
+        limit = self.limit
+        if self.strict and req.output_field is not None and limit:
+            fits = self._fitting_output(governor.room())
+            if fits is not None and STRICT_MIN_OUTPUT <= fits < limit:
+                limit = fits
+        worst = self._worst(limit)
+        estimate = Spend(self._worst_cost(worst), worst.total_tokens, 1)
+        self.reserved = estimate.cost
+        admitted = governor.admit(estimate)
+        if isinstance(admitted, Ticket) and limit != self.limit:
+            assert req.output_field is not None
+            req.body = set_top_level(req.body, req.output_field, limit)
+            req.max_output_tokens = self.clamped = limit
+            self.worst = worst
+        return admitted
+
+    def _fitting_output(self, room: tuple[Decimal | None, int | None]) -> int | None:
+        """The most output tokens per completion the call can have and still fit `room` (None: no limit)."""
+        req = self.req
+        cost_room, token_room = room
+        fits: list[int] = []
+        if cost_room is not None and self.rates is not None:
+            fixed, per_output = self.rates.worst_case(req.input_bound, req.cache_writes)
+            if per_output > 0:
+                fits.append(int((cost_room - fixed) / (per_output * req.choices)))
+        if token_room is not None:
+            fits.append((token_room - req.input_bound) // req.choices)
+        return min(fits) if fits else None
 
     def mark_first_byte(self) -> None:
         if self.ttfb_ms is None:
@@ -281,6 +335,8 @@ class _Call:
             ttfb_ms=self.ttfb_ms,
             error=error,
             cache_savings=cache_savings,
+            reserved=self.reserved,
+            output_limit=self.clamped,
         )
 
     async def record(self, status: int, **row: Any) -> None:
@@ -317,6 +373,8 @@ class _Call:
             estimated = True
         if estimated:
             flags.append(Flag.ESTIMATED)
+        if self.clamped is not None:
+            flags.append(Flag.CLAMPED)
         served = metered.model or req.model
         rates = self.rates
         if served != req.model or metered.service_tier != req.service_tier:
@@ -383,14 +441,20 @@ async def _forward_in(request: web.Request, endpoint: Endpoint, run: LiveRun) ->
     call = _Call(proxy, run, endpoint, request, req, rates)
     governor = run.governor
     run.check_time()
+    if governor.budget.max_repeats is not None and governor.halt_reason is None:
+        run.seen(subject(req))
+    req.parsed = None  # all rk needs of it is taken
     if governor.halt_reason is not None:
         return await call.refuse(governor.halt_reason, governor.message(governor.halt_reason))
     if rates is None and governor.budget.max_cost is not None and not proxy.allow_unpriced:
         return await call.refuse(Refusal.UNPRICED_MODEL, _unpriced_message(req.model, run.id))
     if req.detached and governor.budget.max_cost is not None and not proxy.allow_unmetered:
         return await call.refuse(Refusal.UNMETERED_ENDPOINT, _detached_message(run.id))
-    worst = call.worst
-    admitted = governor.admit(Spend(rates.cost(worst) if rates else ZERO, worst.total_tokens, 1))
+    admitted = call.admit()
+    while isinstance(admitted, Refused) and admitted.may_fit_later:
+        await run.room_freed()  # rather than fail a call that calls in flight may leave room for
+        run.check_time()
+        admitted = call.admit()
     if isinstance(admitted, Refused):
         return await call.refuse(admitted.reason, admitted.message)
 
@@ -570,6 +634,11 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
                 held.append(data)
                 held_size += len(data)
                 last = last or position is Position.LAST
+            if not held:  # generation goes on: meter it, and cut it before it sends output past a cap
+                cost, tokens = _running(meter.result(), req, call.rates)
+                run.progress(ticket, cost, tokens)
+                if call.live.cut_reason is not None:
+                    break
             if out:
                 await send(b"".join(out))
             if len(decoder) + held_size > MAX_EVENT:
@@ -577,12 +646,6 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
                 break
             if last:
                 break  # do not wait for the upstream to close: the client has all there is
-            if held:
-                continue  # generation is over: nothing more to meter or cut
-            cost, tokens = _running(meter.result(), req, call.rates)
-            run.progress(ticket, cost, tokens)
-            if call.live.cut_reason is not None:
-                break
         else:
             tail, final = decoder.flush()
             if final is not None:
@@ -629,8 +692,11 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
 
 def _so_far(metered: Metered, req: Request) -> Usage:
     """What a stream has used so far: its reported usage where it has any (Anthropic reports the input at
-    the start), with output at least what the text seen amounts to; else the request's estimate."""
+    the start), with output at least what the text seen amounts to (but no more than the request's output
+    limit, which the provider never bills past); else the request's estimate."""
     output = estimate_tokens(metered.output_chars)
+    if req.max_output_tokens is not None:
+        output = min(output, req.max_output_tokens * req.choices)
     reported = metered.usage
     if reported is None:
         return Usage(input_tokens=req.input_tokens, output_tokens=output)

@@ -59,6 +59,7 @@ class LiveRun:
         self.halt_listeners: list[Callable[[HaltReason], None]] = []
         self._seq = last_seq  # calls are numbered on from here (a run resumed by a new owner goes on)
         self._timer: asyncio.TimerHandle | None = None
+        self._waiting: list[asyncio.Future[None]] = []  # calls waiting for room held by calls in flight
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -99,6 +100,27 @@ class LiveRun:
         reason = self.governor.settle(ticket, cost, tokens)
         if reason is not None:
             self.halted(reason)
+        self._wake()
+
+    async def room_freed(self) -> None:
+        """Wait until a call in flight settles (freeing what it reserved beyond what it used) or the run
+        halts: a call that did not fit may fit now, or learn that it never will."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        await waiter
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def seen(self, subject: bytes) -> bool:
+        """Count a request under `--max-repeats`; True if that halted the run with `loop_detected`."""
+        if not self.governor.seen(subject):
+            return False
+        self.halted(HaltReason.LOOP)
+        return True
 
     def check_time(self) -> None:
         if self.governor.check_time(time.monotonic()):
@@ -114,6 +136,7 @@ class LiveRun:
                 call.cut(reason)
         for listener in self.halt_listeners:
             listener(reason)
+        self._wake()
 
 
 @dataclass(frozen=True, slots=True)
