@@ -224,6 +224,14 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
 
+def append_field(body: bytes, name: str, value: str) -> bytes:
+    """`body` (a JSON object) with the field `name` (`value` as JSON text) added at its end, every other byte
+    as it was."""
+    end = body.rindex(b"}")  # the body parsed as an object, so it ends with its closing brace
+    comma = b"," if body[:end].rstrip()[-1:] != b"{" else b""
+    return body[:end] + comma + f'"{name}":{value}'.encode() + body[end:]
+
+
 def set_top_level(body: bytes, name: str, value: int) -> bytes:
     """`body` (a JSON object) with its top-level field `name` set to `value`, every other byte as it was;
     the field is added at the end if the object has none. The object is walked with the json module's own
@@ -246,9 +254,7 @@ def set_top_level(body: bytes, name: str, value: int) -> bytes:
             break
         i += 1  # past the comma
     if not spans:
-        end = text.rindex("}")
-        comma = "," if text[:end].rstrip()[-1] != "{" else ""
-        return (text[:end] + f'{comma}"{name}":{value}' + text[end:]).encode("utf-8", "surrogatepass")
+        return append_field(body, name, str(value))
     for start, stop in reversed(spans):
         text = text[:start] + str(value) + text[stop:]
     return text.encode("utf-8", "surrogatepass")

@@ -30,6 +30,7 @@ from riskkernel.providers import (
     Position,
     Provider,
     Request,
+    append_field,
     load_object,
     measure_input,
     positive_int,
@@ -39,7 +40,6 @@ from riskkernel.providers import (
 from riskkernel.providers.sse import Event
 
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*\})|"usage"\s*:\s*null\s*,\s*')
-_FORCED_USAGE = b',"stream_options":{"include_usage":true}'
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # what the legacy completions API generates when max_tokens is not given
 
 
@@ -103,8 +103,7 @@ def _wants_usage(obj: dict[str, Any]) -> bool:
 
 def _force_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     if "stream_options" not in obj:
-        end = body.rindex(b"}")  # the body parsed as an object, so it ends with its closing brace
-        return body[:end] + _FORCED_USAGE + body[end:]
+        return append_field(body, "stream_options", '{"include_usage":true}')
     options = obj["stream_options"] if isinstance(obj["stream_options"], dict) else {}
     return json.dumps({**obj, "stream_options": {**options, "include_usage": True}}, ensure_ascii=False).encode()
 
