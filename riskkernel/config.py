@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 UNLIMITED = "unlimited"
 DEFAULT_MAX_COST = "5.00"
+# How long rk waits for an upstream to accept a connection, and for the next bytes of its answer. The read
+# timeout is per read, not per call: a long generation that streams is never cut by it, and one that does
+# not stream sends nothing until it is done, so the default is above the SDKs' own 10-minute timeout.
+DEFAULT_CONNECT_TIMEOUT = "30s"
+DEFAULT_READ_TIMEOUT = "15m"
 
 # Settings a config file may hold, with the environment variable of each. Keys match the flags' names.
 ENV = {
@@ -37,6 +42,8 @@ ENV = {
     "grace": "RK_GRACE",
     "openai_upstream": "RK_OPENAI_UPSTREAM",
     "anthropic_upstream": "RK_ANTHROPIC_UPSTREAM",
+    "connect_timeout": "RK_CONNECT_TIMEOUT",
+    "read_timeout": "RK_READ_TIMEOUT",
     "mock": "RK_MOCK",
     "allow_unpriced": "RK_ALLOW_UNPRICED",
     "allow_unmetered": "RK_ALLOW_UNMETERED",
@@ -61,6 +68,8 @@ class RunSettings:
     grace: float = 10.0
     openai_upstream: str | None = None
     anthropic_upstream: str | None = None
+    connect_timeout: float | None = field(default_factory=lambda: parse_duration(DEFAULT_CONNECT_TIMEOUT, "timeout"))
+    read_timeout: float | None = field(default_factory=lambda: parse_duration(DEFAULT_READ_TIMEOUT, "timeout"))
     mock: bool = False
     prices: tuple[tuple[str, Rates], ...] = ()
     allow_unpriced: bool = False
@@ -94,15 +103,22 @@ def parse_count(text: str, what: str) -> int | None:
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)?")
 
 
-def parse_duration(text: str) -> float | None:
-    """`90`, `90s`, `15m`, `2h` (seconds by default), or 'unlimited'."""
+def parse_duration(text: str, what: str = "max time") -> float | None:
+    """`90`, `90s`, `15m`, `2h`, `0.5s` (seconds by default), or 'unlimited'."""
     value = text.strip().lower()
     if value == UNLIMITED:
         return None
     match = _DURATION.fullmatch(value)
     if not match:
-        raise ConfigError(f"max time {text!r}: expected a duration like 90, 90s, 15m or 2h, or 'unlimited'")
+        raise ConfigError(f"{what} {text!r}: expected a duration like 90, 90s, 15m or 2h, or 'unlimited'")
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+
+
+def parse_timeout(text: str, what: str) -> float | None:
+    seconds = parse_duration(text, what)
+    if seconds == 0:
+        raise ConfigError(f"{what} {text!r}: must be more than 0 seconds, or 'unlimited'")
+    return seconds
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:

@@ -32,6 +32,7 @@ class Refusal(StrEnum):
     INSUFFICIENT_BUDGET = "insufficient_budget"
     UNPRICED_MODEL = "unpriced_model"
     UNMETERED_ENDPOINT = "unmetered_endpoint"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"  # the ledger cannot be written: rk forwards nothing it cannot record
 
 
 class RunStatus(StrEnum):

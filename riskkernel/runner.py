@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from riskkernel import control, paths
 from riskkernel.config import NOT_INHERITED, RunSettings, parse_upstream
-from riskkernel.errors import ExitCode
+from riskkernel.errors import ExitCode, LedgerError
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger, owner_id
 from riskkernel.models import HaltReason, RunRecord, RunStatus, now_iso
@@ -39,12 +40,14 @@ from riskkernel.proxy.run import LiveRun, OneRun, Runs
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
+log = logging.getLogger("riskkernel")
+
 
 @dataclass(frozen=True)
 class Outcome:
     run_id: str
     exit_status: int
-    error: str | None = None  # why the child could not be started
+    error: str | None = None  # why the child could not be started, or what the ledger lost
 
 
 def new_run_id() -> str:
@@ -122,6 +125,8 @@ async def start_proxy(
         prices=PriceBook(settings.prices),
         allow_unpriced=settings.allow_unpriced,
         allow_unmetered=settings.allow_unmetered,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
     )
     try:
         server, url = await serve(make_app(proxy), host, port)
@@ -146,6 +151,10 @@ async def run(
     published: Path | None = None
     try:
         await ledger.commit(store.insert_run(record))
+    except LedgerError:
+        await asyncio.to_thread(ledger.close)
+        raise  # the ledger cannot take the run, so rk does not start it
+    try:
         token = control.new_token()
         servers, url = await start_proxy(settings, OneRun(live), token)
         assert record.owner is not None
@@ -167,8 +176,13 @@ async def run(
         run_status = RunStatus.HALTED if halt is not None else RunStatus.COMPLETED
         try:
             await ledger.commit(store.finish_run(record.run_id, run_status, halt, final))
+        except LedgerError as exc:
+            log.error("rk: %s — the run's end is not there, so it will read as interrupted", exc)
         finally:
             await asyncio.to_thread(ledger.close)
+    if ledger.lost:
+        lost = f"rk: {ledger.lost} ledger write(s) failed during the run; what they held is in the log above"
+        error = f"{error}\n{lost}" if error else lost
     return Outcome(record.run_id, final, error)
 
 

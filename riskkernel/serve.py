@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import logging
 import os
 import re
 import signal
@@ -39,7 +40,7 @@ from aiohttp import web
 
 from riskkernel import control, paths
 from riskkernel.config import RunSettings, parse_cost, parse_count, parse_duration, parse_repeats
-from riskkernel.errors import ConfigError
+from riskkernel.errors import ConfigError, LedgerError
 from riskkernel.governor import Spend
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger, owner_id
@@ -47,6 +48,8 @@ from riskkernel.models import Budget, HaltReason, RunRecord, RunStatus, now_iso
 from riskkernel.proxy.app import RUN_ID
 from riskkernel.proxy.run import LiveRun, Unresolved
 from riskkernel.runner import new_run_id, start_proxy
+
+log = logging.getLogger("riskkernel")
 
 # The command of the runs a server creates: how a restarted one knows them, and knows which to end.
 SERVE_COMMAND = ("rk", "serve")
@@ -120,7 +123,10 @@ class ServedRuns:
 
     async def release(self, run: LiveRun) -> None:
         if run.id in self.single and run.id in self.runs:
-            await self.finish(run)
+            try:
+                await self.finish(run)
+            except LedgerError as exc:  # its call is answered all the same; the run reads as interrupted later
+                log.error("rk: %s — run %s stays unended there", exc, run.id)
 
     async def create(self, spec: dict[str, Any]) -> LiveRun:
         unknown = set(spec) - {"run_id", "name", "tags", "budget"}

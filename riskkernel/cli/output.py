@@ -123,7 +123,7 @@ def held_notes(held: Held) -> list[str]:
     """What the table says of the calls rk refused or clamped: reserved against actual, in a line each."""
     notes = []
     if held.refused:
-        note = f"{held.refused} call{'s' if held.refused != 1 else ''} refused by rk (402), never sent upstream"
+        note = f"{held.refused} call{'s' if held.refused != 1 else ''} refused by rk, never sent upstream"
         if held.short:
             note += (
                 f"; {held.short} because their worst case (up to {money(held.largest_short)}) did not fit what the"

@@ -10,7 +10,7 @@ import typer
 
 from riskkernel.cli.prices import PANEL as PRICES
 from riskkernel.cli.prices import PriceFlags, PricesFile
-from riskkernel.config import DEFAULT_MAX_COST, ENV, UNLIMITED
+from riskkernel.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_COST, DEFAULT_READ_TIMEOUT, ENV, UNLIMITED
 from riskkernel.governor import STRICT_MIN_OUTPUT
 
 if TYPE_CHECKING:
@@ -98,6 +98,23 @@ AnthropicUpstream = Annotated[
         "https://api.anthropic.com.",
     ),
 ]
+ConnectTimeout = Annotated[
+    str,
+    typer.Option(
+        envvar=ENV["connect_timeout"],
+        rich_help_panel=UPSTREAM,
+        help="How long to wait for an upstream to accept a connection (30s, 2m); then the call gets a 502.",
+    ),
+]
+ReadTimeout = Annotated[
+    str,
+    typer.Option(
+        envvar=ENV["read_timeout"],
+        rich_help_panel=UPSTREAM,
+        help="Longest silence from an upstream mid-answer before rk gives up on it (the call gets a 502, or a "
+        "stream an error event); per read, so a long stream is never cut. 'unlimited' to wait forever.",
+    ),
+]
 Mock = Annotated[
     bool,
     typer.Option(
@@ -156,6 +173,8 @@ def run(
     ] = 10.0,
     openai_upstream: OpenAIUpstream = None,
     anthropic_upstream: AnthropicUpstream = None,
+    connect_timeout: ConnectTimeout = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: ReadTimeout = DEFAULT_READ_TIMEOUT,
     mock: Mock = False,
     price: PriceFlags = None,
     prices_file: PricesFile = None,
@@ -216,6 +235,8 @@ def run(
             "--mock": mock,
             "--openai-upstream": openai_upstream,
             "--anthropic-upstream": anthropic_upstream,
+            "--connect-timeout": connect_timeout != DEFAULT_CONNECT_TIMEOUT,
+            "--read-timeout": read_timeout != DEFAULT_READ_TIMEOUT,
             "--price": price,
             "--prices": prices_file,
             "--allow-unpriced": allow_unpriced,
@@ -236,7 +257,7 @@ def run(
 def proxy_settings(ctx: typer.Context) -> RunSettings:
     """The settings of the options `rk run` and `rk serve` share (budget, upstreams, prices), as parsed."""
     from riskkernel.cli.prices import price_overrides
-    from riskkernel.config import RunSettings, parse_budget, parse_upstream
+    from riskkernel.config import RunSettings, parse_budget, parse_timeout, parse_upstream
 
     p = ctx.params  # as click parsed them: a path is still a string here
     prices_file = Path(p["prices_file"]) if p["prices_file"] is not None else None
@@ -246,6 +267,8 @@ def proxy_settings(ctx: typer.Context) -> RunSettings:
         ),
         openai_upstream=parse_upstream(p["openai_upstream"]),
         anthropic_upstream=parse_upstream(p["anthropic_upstream"]),
+        connect_timeout=parse_timeout(p["connect_timeout"], "connect timeout"),
+        read_timeout=parse_timeout(p["read_timeout"], "read timeout"),
         mock=p["mock"],
         prices=price_overrides(ctx, p["price"], prices_file),
         allow_unpriced=p["allow_unpriced"],

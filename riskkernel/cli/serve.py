@@ -11,6 +11,7 @@ from riskkernel.cli.run import (
     AllowUnmetered,
     AllowUnpriced,
     AnthropicUpstream,
+    ConnectTimeout,
     MaxCalls,
     MaxCost,
     MaxRepeats,
@@ -18,9 +19,10 @@ from riskkernel.cli.run import (
     MaxTokens,
     Mock,
     OpenAIUpstream,
+    ReadTimeout,
     Strict,
 )
-from riskkernel.config import DEFAULT_MAX_COST, UNLIMITED
+from riskkernel.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_COST, DEFAULT_READ_TIMEOUT, UNLIMITED
 
 HELP = """Serve the proxy for many runs, each with its own budget, until SIGTERM or Ctrl-C.
 
@@ -64,6 +66,8 @@ def serve(
     strict: Strict = False,
     openai_upstream: OpenAIUpstream = None,
     anthropic_upstream: AnthropicUpstream = None,
+    connect_timeout: ConnectTimeout = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: ReadTimeout = DEFAULT_READ_TIMEOUT,
     mock: Mock = False,
     price: PriceFlags = None,
     prices_file: PricesFile = None,

@@ -58,8 +58,16 @@ def connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
     except (OSError, sqlite3.Error) as exc:
-        raise LedgerError(f"cannot open the ledger at {path}: {exc}") from None
+        raise LedgerError(f"cannot open the ledger at {path}: {exc}{_read_only(path)}") from None
     return db
+
+
+def _read_only(path: Path) -> str:
+    """Why SQLite could not open or write the ledger, when the cause is that it may not write there."""
+    for where in (path, path.parent):
+        if where.exists() and not os.access(where, os.W_OK):
+            return f" ({where} is read-only)"
+    return ""
 
 
 def to_pusd(amount: Decimal) -> int:
@@ -109,6 +117,10 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Fail closed: while this is set (the last awaited write failed), the proxy forwards no call it might
+        # not be able to record. The next write that commits clears it.
+        self.failure: LedgerError | None = None
+        self.lost = 0  # awaited writes that failed, over the ledger's life
         self._queue: SimpleQueue[list[tuple[Write, Waiter]] | None] = SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="rk-ledger", daemon=True)
 
@@ -117,8 +129,10 @@ class Ledger:
         db = connect(path)
         try:
             migrate(db)
+            with _immediate(db):  # can it be written at all (read-only, locked)? Better to know now.
+                pass
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot prepare the ledger at {path}: {exc}") from None
+            raise LedgerError(f"cannot prepare the ledger at {path}: {exc}{_read_only(path)}") from None
         finally:
             db.close()
         ledger = cls(path)
@@ -137,7 +151,13 @@ class Ledger:
 
         future = asyncio.get_running_loop().create_future()
         self._queue.put([(write, future)])
-        await future
+        try:
+            await future
+        except LedgerError as exc:
+            self.failure = exc
+            self.lost += 1
+            raise
+        self.failure = None
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -176,7 +196,7 @@ class Ledger:
         for i, (_, waiter) in enumerate(batch):
             error = None if errors is None else errors[i]
             if error is not None and not isinstance(error, LedgerError):
-                error = LedgerError(f"cannot write to the ledger at {self.path}: {error}")
+                error = LedgerError(f"cannot write to the ledger at {self.path}: {error}{_read_only(self.path)}")
             if not isinstance(waiter, Future):  # an asyncio future: resolved on its own loop
                 wakeups.setdefault(waiter.get_loop(), []).append((waiter, error))
             elif error is None:

@@ -91,7 +91,8 @@ class ErrorKind(StrEnum):
     AUTH = "auth"  # 401: `rk serve`'s token is missing or wrong
     BUDGET = "budget"  # 402: a budget refusal, or the run is halted
     REFUSED = "refused"  # 402: a call rk will not forward (an unpriced model, an unmetered endpoint)
-    UPSTREAM = "upstream"  # 502: the upstream could not be reached or broke off
+    UPSTREAM = "upstream"  # 502: the upstream could not be reached or broke off (504: it fell silent)
+    UNAVAILABLE = "unavailable"  # 503: rk cannot serve the call now (its ledger cannot be written)
     INTERNAL = "internal"  # 500: a bug in rk
 
 

@@ -42,6 +42,7 @@ _TYPES = {
     ErrorKind.BUDGET: "billing_error",
     ErrorKind.REFUSED: "invalid_request_error",
     ErrorKind.UPSTREAM: "api_error",
+    ErrorKind.UNAVAILABLE: "api_error",
     ErrorKind.INTERNAL: "api_error",
 }
 

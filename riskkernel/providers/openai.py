@@ -53,6 +53,7 @@ _TYPES = {
     ErrorKind.BUDGET: "budget_exceeded",
     ErrorKind.REFUSED: "invalid_request_error",
     ErrorKind.UPSTREAM: "upstream_error",
+    ErrorKind.UNAVAILABLE: "server_error",
     ErrorKind.INTERNAL: "server_error",
 }
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import io
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from riskkernel.errors import LedgerError
 from riskkernel.governor import STRICT_MIN_OUTPUT, ZERO, Refused, Spend, Ticket
 from riskkernel.ledger.store import insert_call
 from riskkernel.models import CallRecord, Flag, HaltReason, Refusal, Usage, now_iso, usd
@@ -59,10 +61,6 @@ log = logging.getLogger("riskkernel")
 
 MAX_BODY = 32 * 1024 * 1024  # larger request bodies get 413 and are never forwarded
 MAX_EVENT = 16 * 1024 * 1024  # an SSE event that grows past this is a broken stream
-CONNECT_TIMEOUT = 30.0
-# Longest silence from an upstream before rk gives up on it: the SDKs' own default timeout is 10 minutes,
-# and a long generation sends nothing until it is done, so this never cuts a call a client still waits for.
-READ_TIMEOUT = 900.0
 LINGER = 1.0  # how long to wait, after a stream's last event, for its upstream to close it
 
 _HOP_BY_HOP = frozenset(
@@ -94,6 +92,8 @@ class Proxy:
     prices: PriceBook = field(default_factory=PriceBook)
     allow_unpriced: bool = False
     allow_unmetered: bool = False
+    connect_timeout: float | None = None  # seconds; None: wait as long as the OS does
+    read_timeout: float | None = None  # the longest silence mid-answer, per read
     http_proxies: dict[str, str | None] = field(init=False)  # provider -> the HTTP(S)_PROXY its upstream goes by
 
     def __post_init__(self) -> None:
@@ -143,9 +143,10 @@ def make_app(proxy: Proxy) -> web.Application:
 
 
 async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
+    proxy = app[PROXY]
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.read_timeout),
         skip_auto_headers=("User-Agent", "Accept"),
     )
     app[SESSION] = session
@@ -172,7 +173,10 @@ def client_path(request: web.Request, raw: bool = False) -> str:
 
 async def _resolve(request: web.Request, provider: Provider) -> LiveRun | web.Response:
     """The run the request belongs to, or the answer that says why it has none."""
-    found = await request.app[PROXY].runs.resolve(request)
+    try:
+        found = await request.app[PROXY].runs.resolve(request)
+    except LedgerError as exc:  # a run new to the ledger could not be written there
+        return _unavailable(provider, _ledger_message(exc))
     if isinstance(found, LiveRun):
         return found
     kind = {401: ErrorKind.AUTH, 404: ErrorKind.NOT_FOUND}.get(found.status, ErrorKind.INVALID)
@@ -340,9 +344,9 @@ class _Call:
         )
 
     async def record(self, status: int, **row: Any) -> None:
-        """Commit the call's row; returns once it is committed."""
+        """Commit the call's row; returns once it is committed (or known to be lost, and logged)."""
         self.recorded = True
-        await self.run.ledger.commit(insert_call(self.row(status, **row)))
+        await _commit(self.run, self.row(status, **row))
 
     async def refuse(self, reason: str, message: str) -> web.Response:
         await self.record(402, flags=(Flag.REFUSED,), error=str(reason))
@@ -450,6 +454,10 @@ async def _forward_in(request: web.Request, endpoint: Endpoint, run: LiveRun) ->
         return await call.refuse(Refusal.UNPRICED_MODEL, _unpriced_message(req.model, run.id))
     if req.detached and governor.budget.max_cost is not None and not proxy.allow_unmetered:
         return await call.refuse(Refusal.UNMETERED_ENDPOINT, _detached_message(run.id))
+    if run.ledger.failure is not None:
+        message = _ledger_message(run.ledger.failure)
+        await call.record(503, flags=(Flag.REFUSED,), error=Refusal.LEDGER_UNAVAILABLE)
+        return _unavailable(endpoint.provider, message, call.rk_headers())
     admitted = call.admit()
     while isinstance(admitted, Refused) and admitted.may_fit_later:
         await run.room_freed()  # rather than fail a call that calls in flight may leave room for
@@ -481,6 +489,27 @@ async def _forward_in(request: web.Request, endpoint: Endpoint, run: LiveRun) ->
         return _json_response(500, body, {**call.rk_headers(), "x-should-retry": "false"})
     finally:
         run.calls.discard(call.live)
+
+
+async def _commit(run: LiveRun, row: CallRecord) -> None:
+    """Commit a call's row. One the ledger cannot take is not lost: it goes to the log, whole, with why; and
+    while the ledger fails, rk refuses calls (see `_unavailable`) rather than forward what it cannot record."""
+    try:
+        await run.ledger.commit(insert_call(row))
+    except LedgerError as exc:
+        row_json = json.dumps({"run_id": row.run_id, **row.to_json()})
+        log.error("rk: %s — the call's row, not in the ledger: %s", exc, row_json)
+
+
+def _ledger_message(failure: LedgerError) -> str:
+    return f"rk: {failure} — rk forwards no call it cannot record, so this one was not sent"
+
+
+def _unavailable(provider: Provider, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """A 503: rk cannot record calls now. The SDKs retry it after a pause, which a ledger that was only
+    locked for a moment survives; one that stays unwritable makes them raise this message."""
+    body = provider.error_body(message, ErrorKind.UNAVAILABLE, Refusal.LEDGER_UNAVAILABLE)
+    return _json_response(503, body, headers)
 
 
 def _detached_message(run_id: str) -> str:
@@ -540,13 +569,13 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
         finally:
             call.live.connecting = None  # from here on, a cut closes the upstream response instead
     except _UPSTREAM_ERRORS as exc:
-        problem = redact(f"could not reach {base}: {exc or type(exc).__name__}")
-        return await _upstream_failed(call, ticket, problem, billed=not isinstance(exc, _NOT_SENT))
+        failure = _failure(exc, proxy, f"could not reach {base}")
+        return await _upstream_failed(call, ticket, failure, billed=not isinstance(exc, _NOT_SENT))
     except asyncio.CancelledError:
         if call.live.cut_reason is None:
             raise  # not rk's cut: the client went away, or rk is stopping
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
-        return await _upstream_failed(call, ticket, "")
+        return await _upstream_failed(call, ticket, _Failure(502, ""))
     call.live.upstream = upstream
     try:
         if call.live.cut_reason is not None:  # cut while the request was on its way
@@ -562,16 +591,46 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
         upstream.release()
 
 
-async def _upstream_failed(call: _Call, ticket: Ticket, problem: str, billed: bool = True) -> web.Response:
-    """The upstream could not be reached or broke off: 502 in the provider's shape, or 402 if rk cut it (and
-    then the call is charged what it reserved: the provider may bill a generation rk did not wait for)."""
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """How an upstream failed, for the client and the ledger: 504 if it timed out, else 502."""
+
+    status: int
+    problem: str
+
+    def code(self, stream: bool = False) -> str:
+        if self.status == 504:
+            return "upstream_timeout"
+        return "upstream_stream_broken" if stream else "upstream_unreachable"
+
+    @property
+    def message(self) -> str:
+        return f"rk: upstream failed — {self.problem}"
+
+
+def _failure(exc: BaseException, proxy: Proxy, what: str) -> _Failure:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return _Failure(504, f"{what}: no connection within {_seconds(proxy.connect_timeout)} (--connect-timeout)")
+    if isinstance(exc, TimeoutError):
+        return _Failure(504, f"the upstream sent nothing for {_seconds(proxy.read_timeout)} (--read-timeout)")
+    return _Failure(502, redact(f"{what}: {exc or type(exc).__name__}"))
+
+
+def _seconds(seconds: float | None) -> str:
+    return f"{seconds:g}s" if seconds is not None else "ever"
+
+
+async def _upstream_failed(call: _Call, ticket: Ticket, failure: _Failure, billed: bool = True) -> web.Response:
+    """The upstream could not be reached, broke off or fell silent: 502 or 504 in the provider's shape, or
+    402 if rk cut it (and then the call is charged what it reserved: the provider may bill a generation rk
+    did not wait for)."""
     reason = call.live.cut_reason
     if reason is not None:
         await call.settle(ticket, 402, Metered(usage=call.worst), estimated=True, cut=reason)
         return _refusal(call.endpoint.provider, reason, call.run.governor.message(reason), call.rk_headers())
-    await call.settle(ticket, 502, Metered(), billed=billed, error=problem)
-    body = call.endpoint.error_body(f"rk: upstream failed — {problem}", ErrorKind.UPSTREAM, "upstream_unreachable")
-    return _json_response(502, body, call.rk_headers())
+    await call.settle(ticket, failure.status, Metered(), billed=billed, error=failure.problem)
+    body = call.endpoint.error_body(failure.message, ErrorKind.UPSTREAM, failure.code())
+    return _json_response(failure.status, body, call.rk_headers())
 
 
 async def _relay_whole(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -579,7 +638,7 @@ async def _relay_whole(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResp
     try:
         payload = await upstream.read()
     except _UPSTREAM_ERRORS as exc:
-        return await _upstream_failed(call, ticket, redact(f"the response broke off: {exc or type(exc).__name__}"))
+        return await _upstream_failed(call, ticket, _failure(exc, call.proxy, "the response broke off"))
     metered = call.endpoint.meter(payload) if payload else Metered()
     estimated = False
     if call.req.detached and metered.usage is None and upstream.status < 400:
@@ -619,7 +678,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     held: list[bytes] = []  # from the end of generation on, released once the call's row is committed
     held_size = 0
     last = False  # the protocol's last event has come: nothing more to read
-    problem: str | None = None
+    problem: _Failure | None = None
     client_gone = False
     try:
         async for chunk in upstream.content.iter_any():
@@ -642,7 +701,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
             if out:
                 await send(b"".join(out))
             if len(decoder) + held_size > MAX_EVENT:
-                problem = f"the stream sent more than {MAX_EVENT // 2**20} MiB in one event"
+                problem = _Failure(502, f"the stream sent more than {MAX_EVENT // 2**20} MiB in one event")
                 break
             if last:
                 break  # do not wait for the upstream to close: the client has all there is
@@ -658,7 +717,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
         client_gone = True
     except _UPSTREAM_ERRORS as exc:
         if call.live.cut_reason is None and not held:
-            problem = redact(f"the stream broke off: {exc or type(exc).__name__}")
+            problem = _failure(exc, call.proxy, "the stream broke off")
     cut = call.live.cut_reason if not held else None  # a stream the upstream finished is delivered whole
     if not (last or upstream.content.at_eof()):
         upstream.close()  # stop the generation, and the billing, at once
@@ -669,14 +728,13 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     if client_gone:
         await call.settle(ticket, upstream.status, metered, estimated=not finished, error="client disconnected")
         return response
-    await call.settle(ticket, upstream.status, metered, estimated=not finished, cut=cut, error=problem)
+    error = problem.problem if problem is not None else None
+    await call.settle(ticket, upstream.status, metered, estimated=not finished, cut=cut, error=error)
     try:
         if cut is not None:
             await response.write(endpoint.stream_error(run.governor.message(cut), ErrorKind.BUDGET, str(cut)))
         elif problem is not None:
-            await response.write(
-                endpoint.stream_error(f"rk: upstream failed — {problem}", ErrorKind.UPSTREAM, "upstream_stream_broken")
-            )
+            await response.write(endpoint.stream_error(problem.message, ErrorKind.UPSTREAM, problem.code(stream=True)))
         elif held:
             await response.write(b"".join(held))
         await response.write_eof()
@@ -749,7 +807,7 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
             latency_ms=(time.monotonic() - started) * 1000,
             error=error,
         )
-        await run.ledger.commit(insert_call(row))
+        await _commit(run, row)
 
     governor = run.governor
     run.check_time()
@@ -762,6 +820,10 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
     if reason is not None:
         await record(402, (Flag.REFUSED,), reason)
         return _refusal(provider, reason, message, _rk_headers(run, seq))
+    if run.ledger.failure is not None:
+        message = _ledger_message(run.ledger.failure)
+        await record(503, (Flag.REFUSED,), Refusal.LEDGER_UNAVAILABLE)
+        return _unavailable(provider, message, _rk_headers(run, seq))
 
     url = provider.upstream_url(proxy.upstreams[provider.name], client_path(request, raw=True))
     headers = _upstream_headers(request.headers)
@@ -786,10 +848,10 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
             finally:
                 live.connecting = None
         except _UPSTREAM_ERRORS as exc:
-            status = 502
-            error = redact(f"could not reach {proxy.upstreams[provider.name]}: {exc or type(exc).__name__}")
-            body = provider.error_body(f"rk: upstream failed — {error}", ErrorKind.UPSTREAM, "upstream_unreachable")
-            return _json_response(502, body, _rk_headers(run, seq))
+            failure = _failure(exc, proxy, f"could not reach {proxy.upstreams[provider.name]}")
+            status, error = failure.status, failure.problem
+            body = provider.error_body(failure.message, ErrorKind.UPSTREAM, failure.code())
+            return _json_response(status, body, _rk_headers(run, seq))
         except asyncio.CancelledError:
             if live.cut_reason is None:
                 raise  # the client went away, or rk is stopping
@@ -810,7 +872,7 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             except _UPSTREAM_ERRORS as exc:
-                error = redact(f"the body broke off: {exc or type(exc).__name__}")
+                error = _failure(exc, proxy, "the body broke off").problem
             if live.cut_reason is not None:
                 error = f"cut: {live.cut_reason}"
             if error is None:
