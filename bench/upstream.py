@@ -2,14 +2,21 @@
 
 POST with `"stream": true` in the body gets a 50-chunk chat completion stream (chunked encoding, with the
 usage chunk and [DONE]); anything else gets a canned non-streaming chat completion. Fast enough that it
-is never the bottleneck when measuring a proxy in front of it.
+is never the bottleneck when measuring a proxy in front of it. A stream whose request has
+`"user": "rk-bench-reset"` (RESET_USER) is reset (TCP RST) after RESET_AFTER chunks, as a provider that
+breaks off mid-answer: bench/soak.py sends it. A stream whose connection the proxy closes stops.
 
     python bench/upstream.py PORT [CHUNK_DELAY_S]
 """
 
 import asyncio
 import json
+import socket
+import struct
 import sys
+
+RESET_USER = "rk-bench-reset"
+RESET_AFTER = 5
 
 USAGE = {
     "prompt_tokens": 120,
@@ -84,21 +91,31 @@ class Upstream(asyncio.Protocol):
             if len(self.buf) < end:
                 return
             body, self.buf = self.buf[head_end + 4 : end], self.buf[end:]
-            if b'"stream":true' in body.replace(b" ", b""):
-                task = asyncio.ensure_future(self.stream())
+            body = body.replace(b" ", b"")
+            if b'"stream":true' in body:
+                task = asyncio.ensure_future(self.stream(b'"user":"%s"' % RESET_USER.encode() in body))
                 STREAMS.add(task)
                 task.add_done_callback(STREAMS.discard)
             else:
                 self.transport.write(WHOLE_RESPONSE)  # type: ignore[attr-defined]
 
-    async def stream(self) -> None:
-        write = self.transport.write  # type: ignore[attr-defined]
-        write(STREAM_HEAD)
-        for piece in STREAM:
-            write(piece)
+    async def stream(self, reset: bool = False) -> None:
+        transport = self.transport
+        transport.write(STREAM_HEAD)  # type: ignore[attr-defined]
+        for n, piece in enumerate(STREAM):
+            if transport.is_closing():
+                return  # the proxy hung up (its client left): stop, as a provider stops generating
+            if reset and n == RESET_AFTER:
+                # SO_LINGER 0: close() sends an RST, not a FIN, as a provider's load balancer dropping the connection
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+                return
+            transport.write(piece)  # type: ignore[attr-defined]
             if self.delay:
                 await asyncio.sleep(self.delay)
-        write(STREAM_TAIL)
+        if not transport.is_closing():
+            transport.write(STREAM_TAIL)  # type: ignore[attr-defined]
 
 
 async def main(port: int, delay: float) -> None:

@@ -32,9 +32,10 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -50,6 +51,7 @@ from riskkernel.proxy.run import LiveRun, Unresolved
 from riskkernel.runner import new_run_id, start_proxy
 
 log = logging.getLogger("riskkernel")
+_T = TypeVar("_T")
 
 # The command of the runs a server creates: how a restarted one knows them, and knows which to end.
 SERVE_COMMAND = ("rk", "serve")
@@ -88,9 +90,31 @@ class ServedRuns:
         self.runs: dict[str, LiveRun] = {}
         self.single: set[str] = set()  # runs of one call, which end with it
         self._opening: dict[str, asyncio.Future[LiveRun | Unresolved]] = {}
+        # Run lookups read the ledger through one connection on one thread of their own: SQLite keeps the
+        # file of a closed connection open while the writer's is, so a connection per lookup would leave a
+        # descriptor behind for every lookup that ever ran at the same time as another.
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rk-ledger-read")
+        self._db: sqlite3.Connection | None = None
 
     def live(self) -> list[LiveRun]:
         return list(self.runs.values())
+
+    async def _read(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        """`read(db)` on the reads thread, with the runs of dead owners marked `interrupted` first."""
+        return await asyncio.get_running_loop().run_in_executor(self._reads, self._reading, read)
+
+    def _reading(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._db is None:
+            self._db = store.connect(self.ledger.path)  # (Ledger.open has made it, and migrated it)
+        store.mark_interrupted(self._db)
+        return read(self._db)
+
+    def close(self) -> None:
+        """Close the reads' connection (after the last lookup)."""
+        self._reads.shutdown()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def get(self, run_id: str) -> LiveRun | None:
         return self.runs.get(run_id)
@@ -110,7 +134,10 @@ class ServedRuns:
                     f"rk: this rk serve needs its token — send it as {TOKEN_HEADER}, or put /t/TOKEN/ before"
                     " the run's path in the base URL",
                 )
-        run_id = request.headers.get(RUN_HEADER) or path_run
+        named = request.headers.getall(RUN_HEADER, [])  # present but empty is a bad id, not no id
+        if len(named) > 1 or (named and path_run is not None and named[0] != path_run):
+            return Unresolved(400, "invalid_run_id", "rk: the request names more than one run")
+        run_id = named[0] if named else path_run
         if run_id is None:
             run = await self._start(self._record(new_run_id(), None, {}, self.defaults.budget, SINGLE_CALL_COMMAND))
             self.single.add(run.id)
@@ -142,7 +169,7 @@ class ServedRuns:
         if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
             raise ValueError("tags must be an object of strings")
         budget = _budget(spec.get("budget") or {}, self.defaults.budget)
-        if run_id in self.runs or await asyncio.to_thread(self._known, run_id):
+        if run_id in self.runs or await self._read(lambda db: _known(db, run_id)):
             raise ValueError(f"run {run_id!r} exists already")
         return await self._start(self._record(run_id, name, tags, budget))
 
@@ -206,7 +233,7 @@ class ServedRuns:
         future: asyncio.Future[LiveRun | Unresolved] = asyncio.get_running_loop().create_future()
         self._opening[run_id] = future
         try:
-            found = await asyncio.to_thread(self._load, run_id)
+            found = await self._read(lambda db: self._load(db, run_id))
             if found is None:
                 result: LiveRun | Unresolved = await self._start(self._record(run_id, None, {}, self.defaults.budget))
             elif isinstance(found, Unresolved):
@@ -226,33 +253,27 @@ class ServedRuns:
     async def _resume(self, found: _Resumable) -> LiveRun:
         return await self._start(found.record, found.spent, found.record.halt_reason, found.last_seq)
 
-    def _load(self, run_id: str) -> _Resumable | Unresolved | None:
-        db = store.open_reader(self.ledger.path)
-        if db is None:
-            return None
+    def _load(self, db: sqlite3.Connection, run_id: str) -> _Resumable | Unresolved | None:
         try:
-            try:
-                record = store.find_run(db, run_id, exact=True)
-            except LookupError:
-                return None
-            if record.command == SINGLE_CALL_COMMAND:
-                message = f"rk: run {run_id} was one call's own run and ended with it; start a new run"
-                return Unresolved(410, "run_ended", message)
-            if record.command != SERVE_COMMAND or record.status not in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
-                ended = f"{record.status}" + (f": {record.halt_reason}" if record.halt_reason else "")
-                return Unresolved(410, "run_ended", f"rk: run {run_id} has ended ({ended}); start a new run")
-            if record.status is RunStatus.RUNNING and record.owner != self.owner:
-                return Unresolved(409, "run_owned", f"rk: run {run_id} is served by another live rk process")
-            return _resumable(db, record)
-        finally:
-            db.close()
+            record = store.find_run(db, run_id, exact=True)
+        except LookupError:
+            return None
+        if record.command == SINGLE_CALL_COMMAND:
+            message = f"rk: run {run_id} was one call's own run and ended with it; start a new run"
+            return Unresolved(410, "run_ended", message)
+        if record.command != SERVE_COMMAND or record.status not in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
+            ended = f"{record.status}" + (f": {record.halt_reason}" if record.halt_reason else "")
+            return Unresolved(410, "run_ended", f"rk: run {run_id} has ended ({ended}); start a new run")
+        if record.status is RunStatus.RUNNING and record.owner != self.owner:
+            return Unresolved(409, "run_owned", f"rk: run {run_id} is served by another live rk process")
+        return _resumable(db, record)
 
     # -- start-up: taking up what earlier servers left --------------------------------------------------
 
     async def take_up(self) -> None:
         """Make live every run earlier servers on this ledger left unended and no live process serves, with
         this server as their owner; end their single calls' runs `interrupted`. Call it before listening."""
-        take, end = await asyncio.to_thread(self._unended)
+        take, end = await self._read(self._unended)
         writes = [s for found in take for s in store.reopen_run(found.record.run_id, self.owner)]
         for record in end:
             writes += store.finish_run(record.run_id, RunStatus.INTERRUPTED, record.halt_reason, None)
@@ -261,46 +282,36 @@ class ServedRuns:
         for found in take:
             await self._resume(found)
 
-    def _unended(self) -> tuple[list[_Resumable], list[RunRecord]]:
-        """What `take_up` takes up and ends, read off the event loop. Reading marks the runs of dead owners
-        `interrupted`; a run still `running` after that has a live owner, and is taken only if that owner is
-        this process (an earlier server in it has stopped)."""
-        db = store.open_reader(self.ledger.path)
-        if db is None:
-            return [], []
+    def _unended(self, db: sqlite3.Connection) -> tuple[list[_Resumable], list[RunRecord]]:
+        """What `take_up` takes up and ends. Reading has marked the runs of dead owners `interrupted`; a run
+        still `running` after that has a live owner, and is taken only if that owner is this process (an
+        earlier server in it has stopped)."""
         take: list[_Resumable] = []
         end: list[RunRecord] = []
         dead: set[str] = set()
-        try:
-            unended = store.RunFilter(statuses=(RunStatus.RUNNING, RunStatus.INTERRUPTED))
-            for record in list(store.iter_runs(db, unended)):
-                if record.command not in (SERVE_COMMAND, SINGLE_CALL_COMMAND):
-                    continue
-                if record.status is RunStatus.RUNNING and record.owner != self.owner:
-                    continue  # a live process serves it: the lazy path takes it once that process is gone
-                if record.owner is not None and record.owner != self.owner:
-                    dead.add(record.owner)
-                if record.command == SERVE_COMMAND:
-                    take.append(_resumable(db, record))
-                elif record.status is RunStatus.RUNNING:
-                    end.append(record)  # (a single call's run `interrupted` has ended already)
-        finally:
-            db.close()
+        unended = store.RunFilter(statuses=(RunStatus.RUNNING, RunStatus.INTERRUPTED))
+        for record in list(store.iter_runs(db, unended)):
+            if record.command not in (SERVE_COMMAND, SINGLE_CALL_COMMAND):
+                continue
+            if record.status is RunStatus.RUNNING and record.owner != self.owner:
+                continue  # a live process serves it: the lazy path takes it once that process is gone
+            if record.owner is not None and record.owner != self.owner:
+                dead.add(record.owner)
+            if record.command == SERVE_COMMAND:
+                take.append(_resumable(db, record))
+            elif record.status is RunStatus.RUNNING:
+                end.append(record)  # (a single call's run `interrupted` has ended already)
         for owner in dead:  # a crash leaves its control file behind: nobody answers at its address any more
             control.unpublish(control.control_file(owner))
         return take, end
 
-    def _known(self, run_id: str) -> bool:
-        db = store.open_reader(self.ledger.path)
-        if db is None:
-            return False
-        try:
-            store.find_run(db, run_id, exact=True)
-            return True
-        except LookupError:
-            return False
-        finally:
-            db.close()
+
+def _known(db: sqlite3.Connection, run_id: str) -> bool:
+    try:
+        store.find_run(db, run_id, exact=True)
+        return True
+    except LookupError:
+        return False
 
 
 def _resumable(db: sqlite3.Connection, record: RunRecord) -> _Resumable:
@@ -402,6 +413,7 @@ class Server:
         for server in self.servers:
             await server.cleanup()
         control.unpublish(self.control_file)
+        await asyncio.to_thread(self.runs.close)
         await asyncio.to_thread(self.ledger.close)
 
 
@@ -417,6 +429,7 @@ async def start(settings: ServeSettings) -> Server:
     except BaseException:
         for run in runs.live():
             run.stop_clock()
+        await asyncio.to_thread(runs.close)
         await asyncio.to_thread(ledger.close)
         raise
     published = control.publish(runs.owner, control.Control(url, token))

@@ -62,7 +62,8 @@ class Scripted:
     delay: float = 0.0  # seconds between stream events
     gate: asyncio.Event | None = None  # hold the answer until this is set
     status: int = 200
-    body: bytes | None = None  # answer exactly these bytes (as JSON) instead
+    body: bytes | None = None  # answer exactly these bytes instead, as `content_type`
+    content_type: str = "application/json"
     endless: bool = False  # after the first events, keep streaming text until the client goes away
     break_after: int | None = None  # close the connection after this many stream events
     error_after: int | None = None  # after this many stream events, send the provider's error event and end
@@ -537,7 +538,7 @@ class FakeUpstream:
         if reply.gate is not None:
             await reply.gate.wait()
         if reply.body is not None or reply.status != 200:
-            return web.Response(status=reply.status, body=reply.body or b"", content_type="application/json")
+            return web.Response(status=reply.status, body=reply.body or b"", content_type=reply.content_type)
         obj = json.loads(body) if body else {}
         if reply.usage_for is not None:
             reply = dataclasses.replace(reply, usage=reply.usage_for(obj))  # type: ignore[call-arg]

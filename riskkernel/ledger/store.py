@@ -45,6 +45,9 @@ from riskkernel.models import (
 Statement = tuple[str, Sequence[Any]]
 Write = Sequence[Statement]  # what to write, as data: statements run in one transaction on the writer thread
 _BATCH = 512
+# What a write that is itself wrong raises (a constraint, a value SQLite cannot take), rather than the
+# ledger failing (read-only, full, locked, corrupt: sqlite3.OperationalError and its kin).
+_BAD_WRITE = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, ValueError, TypeError)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -154,8 +157,9 @@ class Ledger:
         try:
             await future
         except LedgerError as exc:
-            self.failure = exc
             self.lost += 1
+            if not isinstance(exc.__cause__, _BAD_WRITE):  # the ledger itself failed, not this one write
+                self.failure = exc
             raise
         self.failure = None
 
@@ -196,7 +200,9 @@ class Ledger:
         for i, (_, waiter) in enumerate(batch):
             error = None if errors is None else errors[i]
             if error is not None and not isinstance(error, LedgerError):
+                cause = error
                 error = LedgerError(f"cannot write to the ledger at {self.path}: {error}{_read_only(self.path)}")
+                error.__cause__ = cause
             if not isinstance(waiter, Future):  # an asyncio future: resolved on its own loop
                 wakeups.setdefault(waiter.get_loop(), []).append((waiter, error))
             elif error is None:
@@ -325,24 +331,31 @@ _CALL_COLUMNS = (
 _INSERT_CALL = f"INSERT INTO calls ({_CALL_COLUMNS}) VALUES ({', '.join('?' * len(_CALL_COLUMNS.split(',')))})"
 
 
+def _text(value: str | None) -> str | None:
+    """Text SQLite can store: a JSON string may hold a lone surrogate (`"\\ud800"`), which has no UTF-8 form."""
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def insert_call(call: CallRecord) -> Write:
     row = (
         call.run_id,
         call.seq,
         call.started_at,
-        call.endpoint,
+        _text(call.endpoint),
         call.provider,
-        call.requested_model,
-        call.model,
+        _text(call.requested_model),
+        _text(call.model),
         int(call.stream),
         call.status,
         *(getattr(call.usage, column) for column in CALL_USAGE_COLUMNS),
         to_pusd(call.cost),
-        call.price_source,
+        _text(call.price_source),
         ",".join(call.flags),
         call.latency_ms,
         call.ttfb_ms,
-        call.error,
+        _text(call.error),
         to_pusd(call.cache_savings),
         None if call.reserved is None else to_pusd(call.reserved),
         call.output_limit,

@@ -111,7 +111,7 @@ def messages_usage(usage: dict[str, Any]) -> Usage:
 def _load(data: bytes | str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
         return {}
     return obj if isinstance(obj, dict) else {}
 

@@ -106,7 +106,11 @@ def _force_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     if "stream_options" not in obj:
         return append_field(body, "stream_options", '{"include_usage":true}')
     options = obj["stream_options"] if isinstance(obj["stream_options"], dict) else {}
-    return json.dumps({**obj, "stream_options": {**options, "include_usage": True}}, ensure_ascii=False).encode()
+    forced = {**obj, "stream_options": {**options, "include_usage": True}}
+    try:
+        return json.dumps(forced, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a valid JSON escape) has no UTF-8 form: keep it escaped
+        return json.dumps(forced).encode()
 
 
 def _request(
@@ -236,7 +240,7 @@ def _error_message(error: Any) -> str | None:
 def _load(body: bytes | str) -> dict[str, Any]:
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
         return {}
     return obj if isinstance(obj, dict) else {}
 
@@ -269,14 +273,18 @@ def _web_searches(response: dict[str, Any]) -> int:
     return sum(1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call")
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _output_chars(response: dict[str, Any]) -> int:
     """Generated text in a Responses output: message text, function call arguments, reasoning summaries."""
     chars = 0
-    for item in response.get("output") or ():
+    for item in _list(response.get("output")):
         if not isinstance(item, dict):
             continue
         chars += text_len(item.get("arguments"))
-        for part in (item.get("content") or []) + (item.get("summary") or []):
+        for part in _list(item.get("content")) + _list(item.get("summary")):
             if isinstance(part, dict):
                 chars += text_len(part.get("text"))
     return chars
@@ -339,7 +347,7 @@ class ChatStream:
         if isinstance(choices, list):
             m.output_chars += sum(_choice_chars(choice) for choice in choices)
         if obj.get("error"):  # the SDK raises on it at once: it ends the stream as the client sees it
-            m.error = _error_message(obj["error"])
+            m.error = _error_message(obj["error"]) or str(obj["error"])  # any error ends it, a bare string too
             return raw, Position.LAST
         return raw, Position.MORE
 
@@ -360,7 +368,7 @@ class ResponsesStream:
         if event.data is None:
             return event.raw, Position.MORE
         obj = _load(event.data)
-        kind = obj.get("type") or event.event
+        kind = _str(obj, "type") or event.event  # a string: a list or object here is unhashable
         if kind in _RESPONSE_ENDS or kind == "response.created":
             response = obj.get("response")
             if isinstance(response, dict):

@@ -23,6 +23,7 @@ import gc
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -124,7 +125,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
 def make_app(proxy: Proxy) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_plain_paths_only])
     app[PROXY] = proxy
     app.cleanup_ctx.append(_client_session)
     # Under `rk serve`, a route may start with a prefix naming the run (and carrying the token), so that an
@@ -138,7 +139,7 @@ def make_app(proxy: Proxy) -> web.Application:
     app.router.add_route("*", pre + "v1/{tail:.*}", _unmetered)
     if proxy.control_token is not None:
         api.add_routes(app, proxy.control_token, proxy.runs)
-    app.router.add_route("*", "/{tail:.*}", _not_served)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _not_served)  # every path, line breaks and all
     return app
 
 
@@ -154,8 +155,24 @@ async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
     await session.close()
 
 
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _plain_paths_only(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Refuse a path with `.` or `..` segments (encoded or not): normalised on its way upstream, it would reach
+    another route than the one rk resolved, metered and authorised it as."""
+    path = request.path
+    if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
+        message = "rk: a path with '.' or '..' segments is not served"
+        body = provider_for(path, request.headers).error_body(message, ErrorKind.INVALID, "invalid_path")
+        return _json_response(400, body)
+    return await handler(request)
+
+
 async def _not_served(request: web.Request) -> web.Response:
-    message = f"rk: {request.method} {request.path} is not a route rk serves"
+    path = re.sub(r"^/t/[^/]*/", "/t/…/", request.path)  # never `rk serve`'s token back, into the client's logs
+    message = f"rk: {request.method} {path} is not a route rk serves"
     body = provider_for(request.path, request.headers).error_body(message, ErrorKind.NOT_FOUND, "unknown_route")
     return _json_response(404, body)
 
@@ -183,7 +200,7 @@ async def _resolve(request: web.Request, provider: Provider) -> LiveRun | web.Re
     return _json_response(found.status, provider.error_body(found.message, kind, found.code))
 
 
-def _handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _handler(endpoint: Endpoint) -> _Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         return await _forward(request, endpoint)
 
@@ -405,7 +422,7 @@ class _Call:
             model=served,
             source=source,
             flags=tuple(flags),
-            error=None if error is None else redact(error),
+            error=None if error is None else redact(_scrub(error, self.request.headers)),
             cache_savings=savings,
         )
         return cost
@@ -499,6 +516,21 @@ async def _commit(run: LiveRun, row: CallRecord) -> None:
     except LedgerError as exc:
         row_json = json.dumps({"run_id": row.run_id, **row.to_json()})
         log.error("rk: %s — the call's row, not in the ledger: %s", exc, row_json)
+
+
+_CREDENTIAL_HEADERS = ("Authorization", "x-api-key", "api-key", "x-goog-api-key")
+
+
+def _scrub(text: str, headers: CIMultiDictProxy[str]) -> str:
+    """`text` (an upstream's error, say) without the credentials the request carried, whatever their shape:
+    `redact` knows the common key formats, this knows the very keys."""
+    for name in _CREDENTIAL_HEADERS:
+        for value in headers.getall(name, ()):
+            scheme, _, token = value.partition(" ")
+            secret = token.strip() if scheme.lower() == "bearer" else value.strip()
+            if len(secret) >= 8:
+                text = text.replace(secret, "…")
+    return text
 
 
 def _ledger_message(failure: LedgerError) -> str:
@@ -613,6 +645,9 @@ def _failure(exc: BaseException, proxy: Proxy, what: str) -> _Failure:
         return _Failure(504, f"{what}: no connection within {_seconds(proxy.connect_timeout)} (--connect-timeout)")
     if isinstance(exc, TimeoutError):
         return _Failure(504, f"the upstream sent nothing for {_seconds(proxy.read_timeout)} (--read-timeout)")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        # (aiohttp's own words for these are about its parser, not about what happened)
+        return _Failure(502, f"{what}: the upstream closed the connection before the end")
     return _Failure(502, redact(f"{what}: {exc or type(exc).__name__}"))
 
 
@@ -622,13 +657,18 @@ def _seconds(seconds: float | None) -> str:
 
 async def _upstream_failed(call: _Call, ticket: Ticket, failure: _Failure, billed: bool = True) -> web.Response:
     """The upstream could not be reached, broke off or fell silent: 502 or 504 in the provider's shape, or
-    402 if rk cut it (and then the call is charged what it reserved: the provider may bill a generation rk
-    did not wait for)."""
+    402 if rk cut it.
+
+    What it is charged: nothing if the request cannot have reached the provider; what it reserved if rk cut
+    it or the upstream fell silent, since the provider may bill a generation rk did not wait for; else (the
+    connection broke) its input, as an estimate: a flaky network must not drain a budget by worst cases."""
     reason = call.live.cut_reason
     if reason is not None:
         await call.settle(ticket, 402, Metered(usage=call.worst), estimated=True, cut=reason)
         return _refusal(call.endpoint.provider, reason, call.run.governor.message(reason), call.rk_headers())
-    await call.settle(ticket, failure.status, Metered(), billed=billed, error=failure.problem)
+    silent = billed and failure.status == 504
+    metered = Metered(usage=call.worst) if silent else Metered()
+    await call.settle(ticket, failure.status, metered, billed=billed, estimated=silent, error=failure.problem)
     body = call.endpoint.error_body(failure.message, ErrorKind.UPSTREAM, failure.code())
     return _json_response(failure.status, body, call.rk_headers())
 
@@ -640,6 +680,8 @@ async def _relay_whole(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResp
     except _UPSTREAM_ERRORS as exc:
         return await _upstream_failed(call, ticket, _failure(exc, call.proxy, "the response broke off"))
     metered = call.endpoint.meter(payload) if payload else Metered()
+    if upstream.status < 400 and metered.usage is None and metered.error is None and not _json_object(payload):
+        metered = replace(metered, error="the response body is not a JSON object")  # why its usage is estimated
     estimated = False
     if call.req.detached and metered.usage is None and upstream.status < 400:
         # Queued, not done: the answer has no usage yet, and rk will not see it when it has. Charge the
@@ -647,6 +689,13 @@ async def _relay_whole(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResp
         metered, estimated = replace(metered, usage=call.worst), True
     cost = await call.settle(ticket, upstream.status, metered, billed=upstream.status < 400, estimated=estimated)
     return web.Response(status=upstream.status, body=payload, headers=_client_headers(upstream, call.rk_headers(cost)))
+
+
+def _json_object(payload: bytes) -> bool:
+    try:
+        return isinstance(json.loads(payload), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 class _ClientGone(Exception):
@@ -705,14 +754,18 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
                 break
             if last:
                 break  # do not wait for the upstream to close: the client has all there is
-        else:
+        else:  # the upstream ended its body
             tail, final = decoder.flush()
-            if final is not None:
-                meter.feed(final)
-            if tail and held:
-                held.append(tail)
-            elif tail:
-                await send(tail)
+            position = meter.feed(final)[1] if final is not None else Position.MORE
+            if held or position is not Position.MORE:
+                if tail and held:
+                    held.append(tail)
+                elif tail:
+                    await send(tail)
+            elif call.live.cut_reason is None:
+                # Before the protocol's end: a partial answer must not pass for a whole one. The unterminated
+                # tail is dropped, as SSE clients drop it, so that the error event after it parses.
+                problem = _Failure(502, "the stream ended before its last event")
     except _ClientGone:
         client_gone = True
     except _UPSTREAM_ERRORS as exc:
@@ -725,8 +778,8 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     finished = held and metered.error is None  # its usage is final; else, what it used so far, estimated
     if not finished:
         metered = call.spent_so_far()
-    if client_gone:
-        await call.settle(ticket, upstream.status, metered, estimated=not finished, error="client disconnected")
+    if client_gone:  # 499, as when the client is gone before the answer begins or while it waits for it
+        await call.settle(ticket, 499, metered, estimated=not finished, error="client disconnected")
         return response
     error = problem.problem if problem is not None else None
     await call.settle(ticket, upstream.status, metered, estimated=not finished, cut=cut, error=error)
