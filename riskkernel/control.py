@@ -78,14 +78,22 @@ def find(owner: str | None) -> Control:
 
 
 def find_by_url(url: str) -> Control | None:
-    """The control file of the rk process serving at `url` on this machine (same data dir), if any."""
+    """The control file of the live rk process serving at `url` on this machine (same data dir), if any: not
+    the file a crashed process left, which may name the same address with another token."""
+    import socket
+
+    from riskkernel.ledger.store import owner_alive
+
     folder = paths.data_dir() / "control"
     for path in folder.glob("*.json") if folder.is_dir() else ():
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and str(data.get("url", "")).rstrip("/") == url.rstrip("/"):
+        if not isinstance(data, dict) or str(data.get("url", "")).rstrip("/") != url.rstrip("/"):
+            continue
+        pid, _, start = path.stem.partition("-")  # as `control_file` names it
+        if owner_alive(f"{socket.gethostname()}:{pid}:{start}"):
             return Control(url=str(data["url"]), token=str(data.get("token", "")))
     return None
 

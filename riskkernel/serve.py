@@ -180,7 +180,7 @@ class ServedRuns:
         self.single.discard(run.id)
         run.stop_clock()
         for call in list(run.calls):
-            call.cut(HaltReason.KILLED)
+            call.cut(HaltReason.KILLED, f"rk: run {run.id} has been finished, which cut this call")
         while run.calls:  # their rows are written before the run's totals are
             await asyncio.sleep(0.01)
         halt = run.governor.halt_reason
@@ -400,7 +400,7 @@ class Server:
             await asyncio.sleep(0.05)
         for run in self.runs.live():
             for call in list(run.calls):
-                call.cut(HaltReason.KILLED)
+                call.cut(HaltReason.KILLED, f"rk: rk serve is shutting down, which cut this call; run {run.id} goes on")
         deadline = time.monotonic() + 5
         while any(run.calls for run in self.runs.live()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

@@ -79,7 +79,7 @@ EXPECTED_SCHEMA = {
         "reasoning_tokens",
         "cost_pusd",
     ],
-    "index": ["call_rollups_day", "runs_started_at"],
+    "index": ["call_rollups_day", "runs_running", "runs_started_at"],
     "trigger": ["call_rollups_on_end", "call_rollups_on_resume"],
 }
 
@@ -95,7 +95,13 @@ def schema(db: sqlite3.Connection) -> dict[str, list[str]]:
 
 def test_migrating_an_empty_database_gives_the_expected_schema_once(tmp_path: Path) -> None:
     db = store.connect(tmp_path / "l.db")
-    assert migrate(db) == ["m001_runs_and_calls", "m002_cache_savings", "m003_call_rollups", "m004_reservations"]
+    assert migrate(db) == [
+        "m001_runs_and_calls",
+        "m002_cache_savings",
+        "m003_call_rollups",
+        "m004_reservations",
+        "m005_unended_runs",
+    ]
     assert schema(db) == EXPECTED_SCHEMA
     assert migrate(db) == []
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

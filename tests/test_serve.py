@@ -340,7 +340,7 @@ async def test_shutdown_lets_calls_finish_then_cuts_and_records_them(
     stream = await agent.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     await stream.__anext__()
     stopping = asyncio.create_task(server.stop(0.3))
-    with pytest.raises(openai.APIError, match="killed"):
+    with pytest.raises(openai.APIError, match="rk: rk serve is shutting down, which cut this call; run long goes on"):
         async for _ in stream:
             pass
     await stopping
@@ -398,6 +398,20 @@ async def test_rk_run_via_makes_the_run_on_the_server(
 
     refused = await rk("run", "--via", server.url, "--mock", "--", PY, "-c", "pass")
     assert refused.status == 125 and "--mock is the server's to set" in refused.stderr
+
+
+async def test_rk_run_via_never_takes_the_token_of_a_crashed_server_at_the_same_address(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await dead.wait()  # its pid is free now: the owner of the file below is gone
+    stale = server.control_file.with_name(f"{dead.pid}-1.json")
+    control.publish(f"host:{dead.pid}:1", control.Control(server.url, "stale-token-0123456789"))
+    assert stale.exists()
+    server.control_file.rename(server.control_file.with_suffix(".away"))  # so only the stale file names the URL
+    done = await rk("run", "--via", server.url, "--", PY, "-c", "pass")
+    assert done.status == 125 and "no token for it" in done.stderr, done.stderr  # not the server's 401
 
 
 async def test_rk_run_via_stops_the_agent_when_the_server_halts_the_run(

@@ -254,14 +254,30 @@ EXITS = {
 async def test_every_reservation_is_released_whatever_becomes_of_the_call(
     fake: FakeUpstream, start_proxy: StartProxy, exit_path: str
 ) -> None:
-    # Room for one call's worst case (16,384 output tokens of gpt-4o) at a time.
-    proxy = await start_proxy(Budget(max_cost=D("0.25")))
+    # One call in flight at a time: its worst case (16,384 output tokens of gpt-4o, $0.16) holds all the room.
+    proxy = await start_proxy(Budget(max_cost=D("0.15")))
     await EXITS[exit_path](proxy, fake)
     for _ in range(100):  # a handler the client left settles on its own time
         if proxy.live.governor.in_flight == 0:
             break
         await asyncio.sleep(0.02)
     assert_nothing_held(proxy)
+
+
+async def test_a_call_given_up_while_it_waits_for_room_leaves_a_row(
+    fake: FakeUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(Budget(max_cost=D("0.15")))  # the first call's reservation holds all the room
+    await _cancelled_while_waiting(proxy, fake)
+    rows = await proxy.calls()
+    assert [row.seq for row in rows] == [1, 2]  # no call goes unrecorded, though this one was never sent
+    waited = next(row for row in rows if row.status == 499)
+    assert (
+        Flag.REFUSED in waited.flags
+        and waited.cost == 0
+        and waited.error == "client disconnected while waiting for room"
+    )
+    assert len(fake.requests) == 1
 
 
 async def test_the_same_request_repeated_halts_the_run_as_a_loop(fake: FakeUpstream, start_proxy: StartProxy) -> None:

@@ -176,3 +176,10 @@ def m004_reservations(db: sqlite3.Connection) -> None:
     under --strict, so that a refusal or a clamp can be explained from the ledger (NULL for calls before)."""
     db.execute("ALTER TABLE calls ADD COLUMN reserved_pusd INTEGER")
     db.execute("ALTER TABLE calls ADD COLUMN output_limit INTEGER")
+
+
+@migration
+def m005_unended_runs(db: sqlite3.Connection) -> None:
+    """The runs not yet ended, found without reading every run: each reader looks for those whose owner died,
+    and `rk serve` does on every run it is asked for the first time."""
+    db.execute("CREATE INDEX runs_running ON runs (owner) WHERE status = 'running'")

@@ -94,7 +94,7 @@ def _process_start(pid: int) -> str:
         return ""
 
 
-def _owner_alive(owner: str | None) -> bool:
+def owner_alive(owner: str | None) -> bool:
     if not owner:
         return False
     host, _, rest = owner.partition(":")
@@ -385,7 +385,7 @@ def mark_interrupted(db: sqlite3.Connection) -> None:
     """Runs still `running` whose owner process is gone become `interrupted`."""
     rows = db.execute("SELECT id, owner FROM runs WHERE status = 'running'").fetchall()
     for run_id, owner in rows:
-        if not _owner_alive(owner):
+        if not owner_alive(owner):
             with _immediate(db):
                 db.execute(
                     "UPDATE runs SET status = 'interrupted',"

@@ -477,7 +477,11 @@ async def _forward_in(request: web.Request, endpoint: Endpoint, run: LiveRun) ->
         return _unavailable(endpoint.provider, message, call.rk_headers())
     admitted = call.admit()
     while isinstance(admitted, Refused) and admitted.may_fit_later:
-        await run.room_freed()  # rather than fail a call that calls in flight may leave room for
+        try:
+            await run.room_freed()  # rather than fail a call that calls in flight may leave room for
+        except asyncio.CancelledError:  # the client gave up waiting, or rk is stopping: never sent, no cost
+            await call.record(499, flags=(Flag.REFUSED,), error="client disconnected while waiting for room")
+            raise
         run.check_time()
         admitted = call.admit()
     if isinstance(admitted, Refused):
@@ -665,7 +669,7 @@ async def _upstream_failed(call: _Call, ticket: Ticket, failure: _Failure, bille
     reason = call.live.cut_reason
     if reason is not None:
         await call.settle(ticket, 402, Metered(usage=call.worst), estimated=True, cut=reason)
-        return _refusal(call.endpoint.provider, reason, call.run.governor.message(reason), call.rk_headers())
+        return _refusal(call.endpoint.provider, reason, call.live.why(call.run.governor), call.rk_headers())
     silent = billed and failure.status == 504
     metered = Metered(usage=call.worst) if silent else Metered()
     await call.settle(ticket, failure.status, metered, billed=billed, estimated=silent, error=failure.problem)
@@ -785,7 +789,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     await call.settle(ticket, upstream.status, metered, estimated=not finished, cut=cut, error=error)
     try:
         if cut is not None:
-            await response.write(endpoint.stream_error(run.governor.message(cut), ErrorKind.BUDGET, str(cut)))
+            await response.write(endpoint.stream_error(call.live.why(run.governor), ErrorKind.BUDGET, str(cut)))
         elif problem is not None:
             await response.write(endpoint.stream_error(problem.message, ErrorKind.UPSTREAM, problem.code(stream=True)))
         elif held:
@@ -910,7 +914,7 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
                 raise  # the client went away, or rk is stopping
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             status, error = 402, f"cut: {live.cut_reason}"
-            return _refusal(provider, live.cut_reason, governor.message(live.cut_reason), _rk_headers(run, seq))
+            return _refusal(provider, live.cut_reason, live.why(governor), _rk_headers(run, seq))
         live.upstream = upstream
         try:
             status, error = upstream.status, None

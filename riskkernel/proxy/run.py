@@ -32,17 +32,24 @@ class LiveCall:
     """An admitted call in flight; `cut()` ends it from outside its own task: by closing its upstream
     response, or, while the request is still on its way there, by cancelling that wait."""
 
-    __slots__ = ("connecting", "cut_reason", "streaming", "upstream")
+    __slots__ = ("connecting", "cut_message", "cut_reason", "streaming", "upstream")
 
     def __init__(self) -> None:
         self.cut_reason: HaltReason | None = None
+        self.cut_message: str | None = None  # what the client is told, when not what the halt reason says
         self.connecting: asyncio.Task[object] | None = None  # the task waiting for the upstream's answer
         self.upstream: aiohttp.ClientResponse | None = None
         self.streaming = False
 
-    def cut(self, reason: HaltReason) -> None:
+    def why(self, governor: Governor) -> str:
+        """The message for the client of a call that was cut."""
+        assert self.cut_reason is not None
+        return self.cut_message or governor.message(self.cut_reason)
+
+    def cut(self, reason: HaltReason, message: str | None = None) -> None:
         if self.cut_reason is None:
             self.cut_reason = reason
+            self.cut_message = message
             if self.upstream is not None:
                 self.upstream.close()
             elif self.connecting is not None:
