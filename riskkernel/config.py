@@ -10,6 +10,7 @@ environment and before the option's own default, and it remembers where each val
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -52,6 +53,7 @@ ENV = {
     "name": "RK_NAME",
     "tag": "RK_TAG",
     "quiet": "RK_QUIET",
+    "otel": "RK_OTEL",
 }
 # Settings a config file holds as a table (`[tags]`, `[prices]`) rather than as a list of flag values.
 TABLES = {"tag": "tags", "price": "prices"}
@@ -59,6 +61,9 @@ TABLES = {"tag": "tags", "price": "prices"}
 PRICE_SETTINGS = ("price", "prices_file")
 # Variables that would make a nested `rk run` bypass the outer one; never passed to a child.
 NOT_INHERITED = ("RK_OPENAI_UPSTREAM", "RK_ANTHROPIC_UPSTREAM", "RK_MOCK")
+# OpenTelemetry's own variables that turn export on, as they would for any OTel SDK. Read here rather than in
+# `riskkernel.telemetry`, so that deciding whether to export never imports OpenTelemetry.
+OTEL_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,15 @@ class RunSettings:
     allow_unmetered: bool = False
     name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    otel: bool = False  # --otel; see `otel_wanted`
+
+
+def otel_wanted(flag: bool, environ: Mapping[str, str]) -> bool:
+    """Whether to export OpenTelemetry spans and metrics: `--otel`, or an OTLP endpoint in the environment;
+    never when OTEL_SDK_DISABLED=true, OpenTelemetry's own off switch."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return flag or any(environ.get(name, "").strip() for name in OTEL_ENDPOINTS)
 
 
 def parse_cost(text: str) -> Decimal | None:

@@ -20,12 +20,12 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from riskkernel import control, paths
-from riskkernel.config import NOT_INHERITED, RunSettings, parse_upstream
+from riskkernel.config import NOT_INHERITED, RunSettings, otel_wanted, parse_upstream
 from riskkernel.errors import ExitCode, LedgerError
 from riskkernel.ledger import store
 from riskkernel.ledger.store import Ledger, owner_id
@@ -37,6 +37,9 @@ from riskkernel.proxy import serve
 from riskkernel.proxy.app import Proxy, make_app
 from riskkernel.proxy.mock import MOCK_KEY, make_mock_app
 from riskkernel.proxy.run import LiveRun, OneRun, Runs
+
+if TYPE_CHECKING:
+    from riskkernel.telemetry import Telemetry
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -108,6 +111,7 @@ async def start_proxy(
     prefixed: bool = False,
     host: str = "127.0.0.1",
     port: int = 0,
+    telemetry: Telemetry | None = None,
 ) -> tuple[list[web.AppRunner], str]:
     """Serve the proxy for `runs` (and the mock upstream under --mock), with its `/rk` API behind
     `control_token`: the servers, proxy first, and its URL. `rk run` serves one run, `rk serve` many."""
@@ -127,6 +131,7 @@ async def start_proxy(
         allow_unmetered=settings.allow_unmetered,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
+        telemetry=telemetry,
     )
     try:
         server, url = await serve(make_app(proxy), host, port)
@@ -137,10 +142,30 @@ async def start_proxy(
     return [server, *servers], url
 
 
+def start_telemetry(settings: RunSettings) -> Telemetry | None:
+    """OpenTelemetry export, if `--otel` or the environment asks for it (see `config.otel_wanted`)."""
+    if not otel_wanted(settings.otel, os.environ):
+        return None
+    from riskkernel import telemetry
+
+    return telemetry.start(os.environ)
+
+
 async def run(
     settings: RunSettings, argv: list[str], announce: Callable[[RunRecord, str], None] = lambda record, url: None
 ) -> Outcome:
     """Run `argv` under a proxy that enforces `settings`; the ledger holds the run when this returns."""
+    telemetry = start_telemetry(settings)  # first: without its exporter, rk stops before anything has begun
+    try:
+        return await _run(settings, argv, announce, telemetry)
+    finally:
+        if telemetry is not None:
+            await asyncio.to_thread(telemetry.shutdown)
+
+
+async def _run(
+    settings: RunSettings, argv: list[str], announce: Callable[[RunRecord, str], None], telemetry: Telemetry | None
+) -> Outcome:
     ledger = await asyncio.to_thread(Ledger.open, paths.ledger_path())
     record = new_record(settings, argv)
     live = LiveRun(record, ledger)
@@ -154,13 +179,17 @@ async def run(
     except LedgerError:
         await asyncio.to_thread(ledger.close)
         raise  # the ledger cannot take the run, so rk does not start it
+    if telemetry is not None:
+        telemetry.run_started(live, os.environ.get("TRACEPARENT"), os.environ.get("TRACESTATE"))
     try:
         token = control.new_token()
-        servers, url = await start_proxy(settings, OneRun(live), token)
+        servers, url = await start_proxy(settings, OneRun(live), token, telemetry=telemetry)
         assert record.owner is not None
         published = control.publish(record.owner, control.Control(url, token))  # so that `rk kill` finds us
         announce(record, url)
         env = child_env(dict(os.environ), url, record.run_id, settings.mock)
+        if telemetry is not None:
+            telemetry.trace_env(record.run_id, env)
         try:
             status, terminated = await _supervise(argv, env, live, settings)
         except _ChildError as exc:
@@ -180,6 +209,8 @@ async def run(
             log.error("rk: %s — the run's end is not there, so it will read as interrupted", exc)
         finally:
             await asyncio.to_thread(ledger.close)
+        if telemetry is not None:
+            telemetry.run_ended(live, run_status, final)
     if ledger.lost:
         lost = f"rk: {ledger.lost} ledger write(s) failed during the run; what they held is in the log above"
         error = f"{error}\n{lost}" if error else lost

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -48,7 +48,10 @@ from riskkernel.ledger.store import Ledger, owner_id
 from riskkernel.models import Budget, HaltReason, RunRecord, RunStatus, now_iso
 from riskkernel.proxy.app import RUN_ID
 from riskkernel.proxy.run import LiveRun, Unresolved
-from riskkernel.runner import new_run_id, start_proxy
+from riskkernel.runner import new_run_id, start_proxy, start_telemetry
+
+if TYPE_CHECKING:
+    from riskkernel.telemetry import Telemetry
 
 log = logging.getLogger("riskkernel")
 _T = TypeVar("_T")
@@ -82,10 +85,13 @@ class ServeSettings:
 class ServedRuns:
     """The runs an `rk serve` holds in memory: those live now. Implements `riskkernel.proxy.run.Runs`."""
 
-    def __init__(self, ledger: Ledger, defaults: RunSettings, auth_token: str | None) -> None:
+    def __init__(
+        self, ledger: Ledger, defaults: RunSettings, auth_token: str | None, telemetry: Telemetry | None = None
+    ) -> None:
         self.ledger = ledger
         self.defaults = defaults
         self.auth_token = auth_token
+        self.telemetry = telemetry
         self.owner = owner_id()
         self.runs: dict[str, LiveRun] = {}
         self.single: set[str] = set()  # runs of one call, which end with it
@@ -185,7 +191,11 @@ class ServedRuns:
             await asyncio.sleep(0.01)
         halt = run.governor.halt_reason
         status = RunStatus.HALTED if halt is not None else RunStatus.COMPLETED
-        await self.ledger.commit(store.finish_run(run.id, status, halt, None))
+        try:
+            await self.ledger.commit(store.finish_run(run.id, status, halt, None))
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.run_ended(run, status)
 
     # -- runs coming to life --------------------------------------------------------------------------
 
@@ -221,6 +231,8 @@ class ServedRuns:
             run.governor.resume(spent, HaltReason(halt) if halt else None)
 
         self.runs[run.id] = run
+        if self.telemetry is not None:
+            self.telemetry.run_started(run)
         run.start_clock()
         return run
 
@@ -419,18 +431,28 @@ class Server:
 
 async def start(settings: ServeSettings) -> Server:
     check_bind(settings.host, settings.auth_token)
-    ledger = await asyncio.to_thread(Ledger.open, paths.ledger_path())
     defaults = settings.defaults
-    runs = ServedRuns(ledger, defaults, settings.auth_token)
+    telemetry = start_telemetry(defaults)
+    try:
+        ledger = await asyncio.to_thread(Ledger.open, paths.ledger_path())
+    except BaseException:
+        if telemetry is not None:
+            await asyncio.to_thread(telemetry.shutdown)
+        raise
+    runs = ServedRuns(ledger, defaults, settings.auth_token, telemetry)
     token = settings.auth_token or control.new_token()
     try:
         await runs.take_up()  # before listening: no call can open a run it is taking up
-        servers, url = await start_proxy(defaults, runs, token, prefixed=True, host=settings.host, port=settings.port)
+        servers, url = await start_proxy(
+            defaults, runs, token, prefixed=True, host=settings.host, port=settings.port, telemetry=telemetry
+        )
     except BaseException:
         for run in runs.live():
             run.stop_clock()
         await asyncio.to_thread(runs.close)
         await asyncio.to_thread(ledger.close)
+        if telemetry is not None:
+            await asyncio.to_thread(telemetry.shutdown)
         raise
     published = control.publish(runs.owner, control.Control(url, token))
     return Server(url, runs, token, published, ledger, servers)
@@ -451,3 +473,5 @@ async def serve_forever(settings: ServeSettings, announce: Callable[[Server], No
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
             await server.stop(settings.shutdown_grace)
+        if server.runs.telemetry is not None:  # the spans of runs left unended end here, and all is exported
+            await asyncio.to_thread(server.runs.telemetry.shutdown)

@@ -41,8 +41,9 @@ def rk_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "rk-home"
     monkeypatch.setenv("RK_HOME", str(home))
     monkeypatch.setenv("RK_CONFIG_DIR", str(tmp_path / "rk-config"))  # never the developer's own config
+    ours = ("RK_", "OPENAI_", "ANTHROPIC_", "OTEL_", "TRACEPARENT", "TRACESTATE")  # OTel's too: export is off
     for name in list(os.environ):
-        if name.startswith(("RK_", "OPENAI_", "ANTHROPIC_")) and name not in ("RK_HOME", "RK_CONFIG_DIR"):
+        if name.startswith(ours) and name not in ("RK_HOME", "RK_CONFIG_DIR"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     return home

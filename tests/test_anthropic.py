@@ -76,6 +76,8 @@ def test_usage_is_merged_from_message_start_and_the_last_message_delta_at_every_
         assert shown == transcript and ended, offset
         assert metered.usage == Usage(input_tokens=100, output_tokens=64), offset  # overwritten, never added
         assert metered.model == "claude-sonnet-4-6"
+        assert metered.finish_reasons == ["tool_use"]
+    assert an.meter_messages(TOOLING.whole()).finish_reasons == ["tool_use"]
 
 
 def test_cache_writes_and_reads_are_counted_in_openais_sense() -> None:

@@ -394,6 +394,7 @@ def assert_sane(metered: Metered) -> None:
             assert type(value) is int and value >= 0, (field.name, value)
     for text in (metered.model, metered.service_tier, metered.error):
         assert text is None or isinstance(text, str)
+    assert all(isinstance(reason, str) for reason in metered.finish_reasons)
     assert type(metered.output_chars) is int and metered.output_chars >= 0
 
 

@@ -109,6 +109,8 @@ def test_stream_metering_is_the_same_at_every_split() -> None:
         assert metered.usage == Usage(input_tokens=812, cached_input_tokens=512, output_tokens=64, reasoning_tokens=16)
         assert metered.model == "gpt-4o-2024-08-06"
         assert metered.output_chars == expected_chars
+        assert metered.finish_reasons == ["tool_calls"]
+    assert oa.meter_chat(TOOL_REPLY.whole()).finish_reasons == ["tool_calls"]
 
 
 def test_a_client_that_asked_for_usage_sees_the_stream_unchanged() -> None:

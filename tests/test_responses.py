@@ -62,6 +62,7 @@ def test_usage_comes_from_the_terminal_event_at_every_split() -> None:
 def test_every_terminal_event_ends_the_stream_with_its_usage(end: str) -> None:
     metered, ended = meter(ResponsesReply(end=end).stream_bytes(), [])
     assert ended and metered.usage is not None and metered.usage.input_tokens == 120
+    assert metered.finish_reasons == [end.removeprefix("response.")]  # how it ended: there is no other reason
 
 
 def test_web_search_calls_are_counted() -> None:

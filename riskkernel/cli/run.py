@@ -143,6 +143,17 @@ AllowUnmetered = Annotated[
         "recorded as unmetered, instead of refusing them.",
     ),
 ]
+Otel = Annotated[
+    bool,
+    typer.Option(
+        "--otel",
+        envvar=ENV["otel"],
+        rich_help_panel=OUTPUT,
+        help="Export OpenTelemetry spans (a span per run, one per call under it) and metrics over OTLP/HTTP to "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318. On by itself when OTEL_EXPORTER_OTLP_ENDPOINT "
+        "is set. Needs: pip install 'riskkernel[otel]'.",
+    ),
+]
 
 
 def run(
@@ -194,6 +205,7 @@ def run(
         list[str] | None,
         typer.Option(envvar=ENV["tag"], rich_help_panel=OUTPUT, metavar="KEY=VALUE", help="Tag the run (repeatable)."),
     ] = None,
+    otel: Otel = False,
     via: Annotated[
         str | None,
         typer.Option(
@@ -241,6 +253,7 @@ def run(
             "--prices": prices_file,
             "--allow-unpriced": allow_unpriced,
             "--allow-unmetered": allow_unmetered,
+            "--otel": otel,
         }
         given = next((flag for flag, value in server_side.items() if value), None)
         if given is not None:
@@ -273,6 +286,7 @@ def proxy_settings(ctx: typer.Context) -> RunSettings:
         prices=price_overrides(ctx, p["price"], prices_file),
         allow_unpriced=p["allow_unpriced"],
         allow_unmetered=p["allow_unmetered"],
+        otel=p["otel"],
     )
 
 

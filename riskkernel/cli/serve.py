@@ -19,6 +19,7 @@ from riskkernel.cli.run import (
     MaxTokens,
     Mock,
     OpenAIUpstream,
+    Otel,
     ReadTimeout,
     Strict,
 )
@@ -73,6 +74,7 @@ def serve(
     prices_file: PricesFile = None,
     allow_unpriced: AllowUnpriced = False,
     allow_unmetered: AllowUnmetered = False,
+    otel: Otel = False,
 ) -> None:
     import asyncio
 

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol
 
@@ -63,6 +63,7 @@ class Metered:
     output_chars: int = 0  # text, tool arguments and reasoning seen, to estimate usage when none is reported
     service_tier: str | None = None
     error: str | None = None  # an error the upstream reported inside a 200 stream
+    finish_reasons: list[str] = field(default_factory=list)  # why generation stopped, one per choice, as sent
 
 
 class Position(IntEnum):

@@ -142,6 +142,9 @@ def meter_messages(body: bytes) -> Metered:
         model=model if isinstance(model, str) else None,
         error=_error_message(obj),
     )
+    stop = obj.get("stop_reason")
+    if isinstance(stop, str):
+        metered.finish_reasons.append(stop)
     content = obj.get("content")
     if metered.usage is None and isinstance(content, list):
         metered.output_chars = sum(_block_chars(block) for block in content)
@@ -174,7 +177,10 @@ class MessagesStream:
         elif kind == "message_delta":
             self._merge(obj.get("usage"))
             delta = obj.get("delta")
-            if isinstance(delta, dict) and delta.get("stop_reason"):  # the last usage report: generation is over
+            stop = delta.get("stop_reason") if isinstance(delta, dict) else None
+            if stop:  # the last usage report: generation is over
+                if isinstance(stop, str):
+                    self.metered.finish_reasons = [stop]
                 return event.raw, Position.OVER
         elif kind == "error":
             self.metered.error = _error_message(obj) or "error event"

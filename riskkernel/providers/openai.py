@@ -231,6 +231,17 @@ def _choice_chars(choice: Any) -> int:
     return chars
 
 
+MAX_FINISH_REASONS = 128  # the API's limit on `n`: a hostile stream cannot grow the list past it
+
+
+def _finish_reasons(choices: list[Any], reasons: list[str]) -> None:
+    """Add the finish reasons chat or completions `choices` (whole or streamed) give to `reasons`."""
+    for choice in choices:
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if isinstance(reason, str) and len(reasons) < MAX_FINISH_REASONS:
+            reasons.append(reason)
+
+
 def _error_message(error: Any) -> str | None:
     if isinstance(error, dict):
         return str(error.get("message") or error.get("type") or "error")
@@ -261,8 +272,10 @@ def meter_chat(body: bytes) -> Metered:
         error=_error_message(obj.get("error")),
     )
     choices = obj.get("choices")
-    if metered.usage is None and isinstance(choices, list):  # only needed to estimate the usage
-        metered.output_chars = sum(_choice_chars(choice) for choice in choices)
+    if isinstance(choices, list):
+        _finish_reasons(choices, metered.finish_reasons)
+        if metered.usage is None:  # only needed to estimate the usage
+            metered.output_chars = sum(_choice_chars(choice) for choice in choices)
     return metered
 
 
@@ -290,6 +303,9 @@ def _output_chars(response: dict[str, Any]) -> int:
     return chars
 
 
+_RESPONSE_DONE = frozenset({"completed", "incomplete", "failed", "cancelled"})
+
+
 def _meter_response(response: dict[str, Any], metered: Metered) -> None:
     """Fill `metered` from a Responses response object, as returned whole or in a terminal event."""
     usage = response.get("usage")
@@ -300,6 +316,11 @@ def _meter_response(response: dict[str, Any], metered: Metered) -> None:
     error = response.get("error")
     if error:
         metered.error = _error_message(error)
+    status = response.get("status")
+    if isinstance(status, str) and status in _RESPONSE_DONE:  # why it stopped: why it is incomplete, or its end
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        metered.finish_reasons = [reason if isinstance(reason, str) else status]
 
 
 def meter_responses(body: bytes) -> Metered:
@@ -346,6 +367,7 @@ class ChatStream:
                     raw = stripped
         if isinstance(choices, list):
             m.output_chars += sum(_choice_chars(choice) for choice in choices)
+            _finish_reasons(choices, m.finish_reasons)
         if obj.get("error"):  # the SDK raises on it at once: it ends the stream as the client sees it
             m.error = _error_message(obj["error"]) or str(obj["error"])  # any error ends it, a bare string too
             return raw, Position.LAST

@@ -25,10 +25,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -57,6 +57,9 @@ from riskkernel.providers.limits import output_limit
 from riskkernel.providers.sse import SSEDecoder
 from riskkernel.proxy import api
 from riskkernel.proxy.run import LiveCall, LiveRun, Runs
+
+if TYPE_CHECKING:
+    from riskkernel.telemetry import Telemetry
 
 log = logging.getLogger("riskkernel")
 
@@ -95,6 +98,7 @@ class Proxy:
     allow_unmetered: bool = False
     connect_timeout: float | None = None  # seconds; None: wait as long as the OS does
     read_timeout: float | None = None  # the longest silence mid-answer, per read
+    telemetry: Telemetry | None = None  # where each metered call's span and metrics go, if anywhere
     http_proxies: dict[str, str | None] = field(init=False)  # provider -> the HTTP(S)_PROXY its upstream goes by
 
     def __post_init__(self) -> None:
@@ -360,10 +364,17 @@ class _Call:
             output_limit=self.clamped,
         )
 
-    async def record(self, status: int, **row: Any) -> None:
+    async def record(self, status: int, finish_reasons: Sequence[str] = (), **row: Any) -> None:
         """Commit the call's row; returns once it is committed (or known to be lost, and logged)."""
         self.recorded = True
-        await _commit(self.run, self.row(status, **row))
+        record = self.row(status, **row)
+        await _commit(self.run, record)
+        telemetry = self.proxy.telemetry
+        if telemetry is not None:
+            upstream = self.proxy.upstreams[self.endpoint.provider.name]
+            telemetry.call_recorded(
+                record, self.started, self.req, self.run.governor, self.request.headers, upstream, finish_reasons
+            )
 
     async def refuse(self, reason: str, message: str) -> web.Response:
         await self.record(402, flags=(Flag.REFUSED,), error=str(reason))
@@ -417,6 +428,7 @@ class _Call:
         self.run.settle(ticket, cost, usage.total_tokens)
         await self.record(
             status,
+            metered.finish_reasons,
             usage=usage,
             cost=cost,
             model=served,
