@@ -28,6 +28,7 @@ from riskkernel.ledger import store
 from tests.conftest import Finished, StartProxy, rk
 from tests.fakes import FakeUpstream, MessagesReply, Reply, compact, usage
 from tests.test_run_cli import PY
+from tests.test_serve import calls_of
 
 # Marker secrets: distinctive enough that any 9 characters of their secret part, in any casing, found in
 # an artifact can only have come from the secret itself.
@@ -142,15 +143,6 @@ def ledger_runs() -> dict[str, store.RunRecord]:
         return {}
     try:
         return {run.run_id: run for run in store.list_runs(db, None)}
-    finally:
-        db.close()
-
-
-def calls_of(run_id: str) -> list[store.CallRecord]:
-    db = store.open_reader(paths.ledger_path())
-    assert db is not None
-    try:
-        return list(store.iter_calls(db, run_id))
     finally:
         db.close()
 
