@@ -14,7 +14,9 @@ import shutil
 import signal
 import sqlite3
 import sys
+from asyncio.subprocess import Process
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -46,6 +48,14 @@ def key_env(fake: FakeUpstream) -> dict[str, str]:
     return {"OPENAI_API_KEY": SECRET, "OPENAI_BASE_URL": fake.url}
 
 
+async def rk_run(fake: FakeUpstream, *agent: str, output: int = asyncio.subprocess.PIPE, **kwargs: Any) -> Process:
+    """`rk run -- python AGENT...` as a real process, its upstream the fake."""
+    return await asyncio.create_subprocess_exec(
+        PY, "-m", "riskkernel", "run", "--", PY, *agent,
+        stdout=output, stderr=output, env={**os.environ, **key_env(fake)}, **kwargs,
+    )  # fmt: skip
+
+
 def integrity(path: Path) -> str:
     db = sqlite3.connect(path)
     try:
@@ -57,19 +67,7 @@ def integrity(path: Path) -> str:
 async def test_sigkill_of_rk_run_mid_run_loses_no_completed_call(tmp_path: Path, fake: FakeUpstream) -> None:
     fake.script(Reply(), Reply(), Reply(), Reply(), Reply(), Reply(endless=True, delay=0.01))
     marker = tmp_path / "marker"
-    proc = await asyncio.create_subprocess_exec(
-        PY,
-        "-m",
-        "riskkernel",
-        "run",
-        "--",
-        PY,
-        agent_script(tmp_path, CALLS_THEN_HANG),
-        str(marker),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, **key_env(fake)},
-    )
+    proc = await rk_run(fake, agent_script(tmp_path, CALLS_THEN_HANG), str(marker), output=asyncio.subprocess.DEVNULL)
     for _ in range(400):
         if marker.exists() and fake.streams_open:
             break
@@ -155,19 +153,7 @@ def disk_nearly_full() -> None:
 
 async def test_a_full_disk_mid_run_fails_closed_and_loses_no_row(tmp_path: Path, fake: FakeUpstream) -> None:
     script = agent_script(tmp_path, "import json\n" + UNTIL_REFUSED)
-    proc = await asyncio.create_subprocess_exec(
-        PY,
-        "-m",
-        "riskkernel",
-        "run",
-        "--",
-        PY,
-        script,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **key_env(fake)},
-        preexec_fn=disk_nearly_full,
-    )
+    proc = await rk_run(fake, script, preexec_fn=disk_nearly_full)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     stderr = err.decode()
     assert proc.returncode == 0, stderr  # the agent's own status: it handled the refusal

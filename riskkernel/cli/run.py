@@ -103,7 +103,7 @@ ConnectTimeout = Annotated[
     typer.Option(
         envvar=ENV["connect_timeout"],
         rich_help_panel=UPSTREAM,
-        help="How long to wait for an upstream to accept a connection (30s, 2m); then the call gets a 502.",
+        help="How long to wait for an upstream to accept a connection (30s, 2m); then the call gets a 504.",
     ),
 ]
 ReadTimeout = Annotated[
@@ -111,7 +111,7 @@ ReadTimeout = Annotated[
     typer.Option(
         envvar=ENV["read_timeout"],
         rich_help_panel=UPSTREAM,
-        help="Longest silence from an upstream mid-answer before rk gives up on it (the call gets a 502, or a "
+        help="Longest silence from an upstream mid-answer before rk gives up on it (the call gets a 504, or a "
         "stream an error event); per read, so a long stream is never cut. 'unlimited' to wait forever.",
     ),
 ]
