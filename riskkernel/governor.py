@@ -79,6 +79,11 @@ class Governor:
         self.halt_reason: HaltReason | None = None
         self._seen: dict[bytes, int] = {}  # request digest -> times seen, under max_repeats
 
+    @property
+    def watches_spend(self) -> bool:
+        """Whether a live stream's running spend can halt the run (a cost or token limit is set)."""
+        return self.budget.max_cost is not None or self.budget.max_tokens is not None
+
     # -- decisions -------------------------------------------------------------------------------------
 
     def admit(self, estimate: Spend) -> Ticket | Refused:

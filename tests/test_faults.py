@@ -388,6 +388,42 @@ async def test_a_slow_drip_stream_arrives_whole_the_read_timeout_is_per_read(
     await still_serves(proxy)
 
 
+async def test_a_client_that_stops_reading_is_not_a_silent_upstream(start_proxy: StartProxy) -> None:
+    # The upstream sends as fast as it is let; the client stops reading for longer than the read timeout, so
+    # rk is held writing to it, not waiting on the upstream: the stream goes on when the client reads again.
+    delta = {"index": 0, "delta": {"content": "x" * 2**14}, "finish_reason": None}
+    event = b"data: " + compact({"object": "chat.completion.chunk", "model": "gpt-4o", "choices": [delta]}) + b"\n\n"
+
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(event)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", firehose)
+    runner, url = await serve(app)
+    try:
+        proxy = await start_proxy(openai_upstream=f"{url}/v1", read_timeout=0.3)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True}) as response,
+        ):
+            first = await response.content.readexactly(2**20)
+            await asyncio.sleep(1.2)  # the buffers on the way fill; rk waits on the client, 4x the timeout
+            after = await response.content.readexactly(2**20)
+        assert first.startswith(b"data: ") and b"upstream_timeout" not in first + after
+        await eventually(lambda: len(proxy.committed_calls()) == 1)
+        row = await only_row(proxy)
+        assert (row.status, row.error) == (499, "client disconnected")
+        await still_serves(proxy, "anthropic")
+    finally:
+        await runner.cleanup()
+
+
 # -- upstreams that break off ---------------------------------------------------------------------------------
 
 

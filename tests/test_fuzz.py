@@ -449,6 +449,63 @@ def test_a_stream_is_metered_and_relayed_exactly_at_any_chunking(
     assert metered.output_chars == call.output_chars
 
 
+_values = st.none() | st.booleans() | counts | texts | st.lists(texts, max_size=2)
+_deltas = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.just("assistant"),
+        "content": texts | st.none(),
+        "refusal": texts | st.none(),
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {"index": counts, "function": st.fixed_dictionaries({}, optional={"arguments": texts})}
+            ),
+            max_size=2,
+        ),
+    },
+)
+_chunks = st.fixed_dictionaries(
+    {
+        "choices": st.lists(
+            st.fixed_dictionaries({"index": counts, "delta": _deltas, "finish_reason": st.none() | texts})
+        )
+    },
+    optional={
+        "id": texts,
+        "model": texts,
+        "usage": st.none() | st.fixed_dictionaries({"prompt_tokens": counts, "completion_tokens": counts}),
+        "service_tier": texts,
+        "error": _values,
+        "obfuscation": _values,
+    },
+)
+
+
+@FUZZ
+@given(chunk=_chunks, spaced=st.booleans(), hide_usage=st.booleans())
+def test_a_chat_chunk_is_metered_alike_whether_parsed_whole_or_in_part(
+    chunk: dict[str, Any], spaced: bool, hide_usage: bool
+) -> None:
+    """Past its first chunk, a chat stream's chunks with nothing but choices to read have only those parsed:
+    the meter must read every chunk exactly as parsing it whole does, whatever its text holds."""
+    data = json.dumps(chunk, separators=(", ", ": ") if spaced else (",", ":"), ensure_ascii=False)
+    meter = oa.ChatStream(Request(model="m", stream=True, body=b"", input_tokens=0, max_output_tokens=None))
+    meter.hide_usage = hide_usage
+    first = '{"model":"m","service_tier":"default","choices":[]}'
+    meter.feed(Event(f"data: {first}\n\n".encode(), None, first))  # model and tier known: a fast path is open
+    event = Event(f"data: {data}\n\n".encode("utf-8", "surrogatepass"), None, data)
+    shown, position = meter.feed(event)
+    expected = json.loads(data)
+    choices = expected.get("choices")
+    assert meter.metered.output_chars == sum(oa._choice_chars(c) for c in choices)
+    assert meter.metered.finish_reasons == [c["finish_reason"] for c in choices if isinstance(c["finish_reason"], str)]
+    if "usage" not in expected and not expected.get("error"):
+        assert (shown, position) == (event.raw, Position.MORE)
+    if hide_usage and expected.get("usage", 0) is None and not expected.get("error"):
+        relayed = json.loads(shown[6:].decode("utf-8", "surrogatepass"))
+        assert relayed == {k: v for k, v in expected.items() if k != "usage"}
+
+
 @STREAMED
 @FUZZ
 @given(data=st.data())

@@ -240,6 +240,9 @@ def _transaction(db: sqlite3.Connection, writes: list[Write]) -> list[Exception 
     Runs of the same statement (a batch of call rows) go to SQLite as one `executemany`."""
     try:
         statements = [statement for write in writes for statement in write]
+        if len(statements) == 1:  # (a call's row, alone) one statement is a transaction of its own
+            db.execute(*statements[0])
+            return None
         with _immediate(db):
             i = 0
             while i < len(statements):

@@ -212,6 +212,9 @@ def responses_usage(usage: dict[str, Any], web_searches: int = 0) -> Usage:
     )
 
 
+_TEXT_FIELDS = frozenset({"content", "refusal", "reasoning_content", "reasoning"})
+
+
 def _choice_chars(choice: Any) -> int:
     """Generated text in a chat or completions choice, whole or streamed: content, refusal, reasoning,
     tool calls, or a completion's text."""
@@ -221,14 +224,18 @@ def _choice_chars(choice: Any) -> int:
     message = choice.get("message") or choice.get("delta")
     if not isinstance(message, dict):
         return chars
-    chars += sum(text_len(message.get(k)) for k in ("content", "refusal", "reasoning_content", "reasoning"))
-    calls = message.get("tool_calls")
-    functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-    functions.append(message.get("function_call"))
-    for fn in functions:
-        if isinstance(fn, dict):
-            chars += text_len(fn.get("name")) + text_len(fn.get("arguments"))
+    for key, value in message.items():  # (a streamed delta has one or two fields: cheaper than asking for six)
+        if key in _TEXT_FIELDS:
+            chars += text_len(value)
+        elif key == "tool_calls" and isinstance(value, list):
+            chars += sum(_function_chars(call.get("function")) for call in value if isinstance(call, dict))
+        elif key == "function_call":
+            chars += _function_chars(value)
     return chars
+
+
+def _function_chars(function: Any) -> int:
+    return text_len(function.get("name")) + text_len(function.get("arguments")) if isinstance(function, dict) else 0
 
 
 MAX_FINISH_REASONS = 128  # the API's limit on `n`: a hostile stream cannot grow the list past it
@@ -332,6 +339,43 @@ def meter_responses(body: bytes) -> Metered:
     return metered
 
 
+_DECODER = json.JSONDecoder()
+_NULL_USAGE_END = b',"usage":null}\n\n'
+
+
+def _without_null_usage(raw: bytes) -> bytes:
+    """A chunk without the `"usage":null` that forcing `include_usage` added (unchanged unless it has exactly
+    one): the client did not ask for it."""
+    if raw.endswith(_NULL_USAGE_END) and raw.count(b'"usage"') == 1:  # where OpenAI puts it
+        return raw[: -len(_NULL_USAGE_END)] + b"}\n\n"
+    stripped, n = _NULL_USAGE.subn(b"", raw)
+    return stripped if n == 1 else raw
+
+
+def _delta_choices(data: str, tier_known: bool) -> list[Any] | None:
+    """The `choices` of an ordinary streamed chunk, parsed alone: one with no usage or error (nor a service
+    tier not yet known) to read, which is nearly every chunk of a stream. None for any other chunk, which is
+    parsed whole.
+
+    Safe on any text: inside a JSON string every quote is escaped, so `"choices":[`, `"usage"` and `"error"`
+    can only be the JSON's own keys and values. (A lone `choices` nested below the top would be read as the
+    chunk's own: no provider sends one, and it could only change the output estimate.)"""
+    if '"error"' in data or data.count('"usage"') != data.count('"usage":null') or data.count('"choices"') != 1:
+        return None
+    if not tier_known and '"service_tier"' in data:
+        return None
+    at = data.find(',"choices":[')
+    if at < 0:
+        at = data.find('{"choices":[')
+        if at < 0:
+            return None
+    try:
+        choices, _ = _DECODER.raw_decode(data, at + 11)
+    except (ValueError, RecursionError):
+        return None
+    return choices if isinstance(choices, list) else None
+
+
 class ChatStream:
     """Meters one chat or completions stream and decides, event by event, what the client sees. The stream
     ends (for rk's purposes) at its usage-only chunk, an error, or `[DONE]`."""
@@ -346,10 +390,15 @@ class ChatStream:
             return event.raw, Position.MORE
         if data == "[DONE]":
             return event.raw, Position.LAST
+        m = self.metered
+        choices = _delta_choices(data, m.service_tier is not None) if m.model is not None else None
+        if choices is not None:  # the fast path: the same as below, for a chunk with nothing else to read
+            m.output_chars += sum(_choice_chars(choice) for choice in choices)
+            _finish_reasons(choices, m.finish_reasons)
+            return (_without_null_usage(event.raw) if self.hide_usage else event.raw), Position.MORE
         obj = _load(data) if data.startswith("{") else {}
         if not obj:
             return event.raw, Position.MORE
-        m = self.metered
         if m.model is None:
             m.model = _str(obj, "model")
         m.service_tier = _str(obj, "service_tier") or m.service_tier
@@ -362,9 +411,7 @@ class ChatStream:
                 if not choices:  # the usage-only chunk: generation is over, only [DONE] follows
                     return (b"" if self.hide_usage else raw), Position.OVER
             elif usage is None and self.hide_usage:
-                stripped, n = _NULL_USAGE.subn(b"", raw)
-                if n == 1:
-                    raw = stripped
+                raw = _without_null_usage(raw)
         if isinstance(choices, list):
             m.output_chars += sum(_choice_chars(choice) for choice in choices)
             _finish_reasons(choices, m.finish_reasons)

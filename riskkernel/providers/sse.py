@@ -33,10 +33,15 @@ class SSEDecoder:
         return len(self._buf)
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buf = self._buf + chunk if self._buf else chunk
         events: list[Event] = []
         start = 0
-        pos = self._pos
+        if self._buf:
+            buf = self._buf + chunk
+        else:
+            buf = chunk
+            if b"\r" not in chunk:
+                start = self._plain_events(chunk, events)
+        pos = self._pos + start
         end = len(buf)
         while pos < end:
             lf = buf.find(b"\n", pos)
@@ -59,6 +64,19 @@ class SSEDecoder:
         self._buf = buf[start:]
         self._pos = pos - start
         return events
+
+    @staticmethod
+    def _plain_events(chunk: bytes, events: list[Event]) -> int:
+        """The fast path, for what nearly every stream sends: events of one `data: ` line, ended by LF. Takes
+        those from the start of `chunk` (which has no CR) and returns where the first other one starts."""
+        pos = 0
+        while chunk.startswith(b"data: ", pos):
+            end = chunk.find(b"\n", pos)
+            if end < 0 or chunk[end + 1 : end + 2] != b"\n":
+                break  # incomplete, or more lines than one: the general parser takes it from here
+            events.append(Event(chunk[pos : end + 2], None, chunk[pos + 6 : end].decode("utf-8", "replace")))
+            pos = end + 2
+        return pos
 
     def flush(self) -> tuple[bytes, Event | None]:
         """End of stream: the bytes of an unterminated last event, and that event if it carried data.

@@ -56,7 +56,7 @@ from riskkernel.providers.catalog import ENDPOINTS, FREE_POSTS, provider_for
 from riskkernel.providers.limits import output_limit
 from riskkernel.providers.sse import SSEDecoder
 from riskkernel.proxy import api
-from riskkernel.proxy.run import LiveCall, LiveRun, Runs
+from riskkernel.proxy.run import LiveCall, LiveRun, Runs, watch_silence
 
 if TYPE_CHECKING:
     from riskkernel.telemetry import Telemetry
@@ -129,7 +129,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
 def make_app(proxy: Proxy) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_plain_paths_only])
+    app = web.Application(client_max_size=MAX_BODY)
     app[PROXY] = proxy
     app.cleanup_ctx.append(_client_session)
     # Under `rk serve`, a route may start with a prefix naming the run (and carrying the token), so that an
@@ -151,27 +151,28 @@ async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
     proxy = app[PROXY]
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.read_timeout),
+        # (the read timeout is rk's own watch_silence: aiohttp's sock_read re-arms a timer at every read)
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=proxy.connect_timeout),
         skip_auto_headers=("User-Agent", "Accept"),
     )
     app[SESSION] = session
+    watch = None if proxy.read_timeout is None else asyncio.create_task(watch_silence(proxy.runs, proxy.read_timeout))
     yield
+    if watch is not None:
+        watch.cancel()
     await session.close()
 
 
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _plain_paths_only(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Refuse a path with `.` or `..` segments (encoded or not): normalised on its way upstream, it would reach
-    another route than the one rk resolved, metered and authorised it as."""
+def _dotted(request: web.Request) -> web.Response | None:
+    """The 400 for a path with `.` or `..` segments (encoded or not): normalised on its way upstream, it would
+    reach another route than the one rk resolved, metered and authorised it as. Every handler that sends a
+    request upstream asks this first (a check there, rather than a middleware, costs nothing per call)."""
     path = request.path
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         message = "rk: a path with '.' or '..' segments is not served"
         body = provider_for(path, request.headers).error_body(message, ErrorKind.INVALID, "invalid_path")
         return _json_response(400, body)
-    return await handler(request)
+    return None
 
 
 async def _not_served(request: web.Request) -> web.Response:
@@ -204,9 +205,15 @@ async def _resolve(request: web.Request, provider: Provider) -> LiveRun | web.Re
     return _json_response(found.status, provider.error_body(found.message, kind, found.code))
 
 
-def _handler(endpoint: Endpoint) -> _Handler:
+def _handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        return await _forward(request, endpoint)
+        run = _dotted(request) or await _resolve(request, endpoint.provider)
+        if not isinstance(run, LiveRun):
+            return run
+        try:
+            return await _forward_in(request, endpoint, run)
+        finally:
+            await request.app[PROXY].runs.release(run)
 
     return handle
 
@@ -409,8 +416,8 @@ class _Call:
             flags.append(Flag.CLAMPED)
         served = metered.model or req.model
         rates = self.rates
-        if served != req.model or metered.service_tier != req.service_tier:
-            tier = metered.service_tier if metered.service_tier != "default" else None
+        tier = metered.service_tier if metered.service_tier != "default" else None
+        if served != req.model or (metered.service_tier != req.service_tier and tier != req.service_tier):
             rates = await _rates(self.proxy.prices, served, self.endpoint.provider.name, tier) or rates
         savings = ZERO
         if rates is None:
@@ -446,16 +453,6 @@ class _Call:
             return Metered(usage=self.worst)
         metered = self.meter.result()
         return replace(metered, usage=_so_far(metered, self.req))
-
-
-async def _forward(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    run = await _resolve(request, endpoint.provider)
-    if not isinstance(run, LiveRun):
-        return run
-    try:
-        return await _forward_in(request, endpoint, run)
-    finally:
-        await request.app[PROXY].runs.release(run)
 
 
 async def _forward_in(request: web.Request, endpoint: Endpoint, run: LiveRun) -> web.StreamResponse:
@@ -573,11 +570,11 @@ def _unpriced_message(model: str, run_id: str) -> str:
 
 def _without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers (and those the Connection header names) and rk's own."""
-    out = CIMultiDict(headers)  # copied in C; dropping a few names is cheaper than filtering every header
     named = headers.get("Connection")
-    for name in drop.union(n.strip() for n in named.split(",")) if named else drop:
-        out.popall(name, None)
-    for name in [n for n in out if n[:13].lower() == _RK_PREFIX]:
+    if named:
+        drop = drop.union(n.strip().lower() for n in named.split(","))
+    out = CIMultiDict(headers)  # copied in C; then only the names present that must go are dropped
+    for name in {name for name in headers if (low := name.lower()) in drop or low.startswith(_RK_PREFIX)}:
         out.popall(name, None)
     return out
 
@@ -610,6 +607,7 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
     headers = _upstream_headers(call.request.headers)
     try:
         call.live.connecting = asyncio.current_task()
+        call.live.wait()
         try:
             upstream = await session.post(
                 url, data=data, headers=headers, allow_redirects=False, proxy=proxy.http_proxies[provider.name]
@@ -620,10 +618,10 @@ async def _exchange(call: _Call, ticket: Ticket) -> web.StreamResponse:
         failure = _failure(exc, proxy, f"could not reach {base}")
         return await _upstream_failed(call, ticket, failure, billed=not isinstance(exc, _NOT_SENT))
     except asyncio.CancelledError:
-        if call.live.cut_reason is None:
-            raise  # not rk's cut: the client went away, or rk is stopping
+        if call.live.cut_reason is None and not call.live.timed_out:
+            raise  # neither rk's cut nor its read timeout: the client went away, or rk is stopping
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
-        return await _upstream_failed(call, ticket, _Failure(502, ""))
+        return await _upstream_failed(call, ticket, _silence(proxy) if call.live.timed_out else _Failure(502, ""))
     call.live.upstream = upstream
     try:
         if call.live.cut_reason is not None:  # cut while the request was on its way
@@ -656,15 +654,19 @@ class _Failure:
         return f"rk: upstream failed — {self.problem}"
 
 
-def _failure(exc: BaseException, proxy: Proxy, what: str) -> _Failure:
+def _failure(exc: BaseException, proxy: Proxy, what: str, live: LiveCall | None = None) -> _Failure:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return _Failure(504, f"{what}: no connection within {_seconds(proxy.connect_timeout)} (--connect-timeout)")
-    if isinstance(exc, TimeoutError):
-        return _Failure(504, f"the upstream sent nothing for {_seconds(proxy.read_timeout)} (--read-timeout)")
+    if isinstance(exc, TimeoutError) or (live is not None and live.timed_out):
+        return _silence(proxy)
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
         # (aiohttp's own words for these are about its parser, not about what happened)
         return _Failure(502, f"{what}: the upstream closed the connection before the end")
     return _Failure(502, redact(f"{what}: {exc or type(exc).__name__}"))
+
+
+def _silence(proxy: Proxy) -> _Failure:
+    return _Failure(504, f"the upstream sent nothing for {_seconds(proxy.read_timeout)} (--read-timeout)")
 
 
 def _seconds(seconds: float | None) -> str:
@@ -694,7 +696,9 @@ async def _relay_whole(call: _Call, ticket: Ticket, upstream: aiohttp.ClientResp
     try:
         payload = await upstream.read()
     except _UPSTREAM_ERRORS as exc:
-        return await _upstream_failed(call, ticket, _failure(exc, call.proxy, "the response broke off"))
+        return await _upstream_failed(call, ticket, _failure(exc, call.proxy, "the response broke off", call.live))
+    finally:
+        call.live.waiting = None
     metered = call.endpoint.meter(payload) if payload else Metered()
     if upstream.status < 400 and metered.usage is None and metered.error is None and not _json_object(payload):
         metered = replace(metered, error="the response body is not a JSON object")  # why its usage is estimated
@@ -732,11 +736,15 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     if run.governor.halt_reason is not None:  # the run halted while this call waited for its answer to begin
         call.live.cut(run.governor.halt_reason)
 
+    live = call.live
+
     async def send(data: bytes) -> None:
+        live.waiting = None  # (a client slow to take it is not the upstream's silence)
         try:
             await response.write(data)
         except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
             raise _ClientGone from exc
+        live.wait()
 
     decoder = SSEDecoder()
     meter = call.meter = endpoint.stream_meter(req)
@@ -745,6 +753,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     last = False  # the protocol's last event has come: nothing more to read
     problem: _Failure | None = None
     client_gone = False
+    watched = run.governor.watches_spend  # else a running cost would be worked out for nothing
     try:
         async for chunk in upstream.content.iter_any():
             call.mark_first_byte()
@@ -759,9 +768,10 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
                 held_size += len(data)
                 last = last or position is Position.LAST
             if not held:  # generation goes on: meter it, and cut it before it sends output past a cap
-                cost, tokens = _running(meter.result(), req, call.rates)
-                run.progress(ticket, cost, tokens)
-                if call.live.cut_reason is not None:
+                if watched:
+                    cost, tokens = _running(meter.result(), req, call.rates)
+                    run.progress(ticket, cost, tokens)
+                if live.cut_reason is not None:
                     break
             if out:
                 await send(b"".join(out))
@@ -785,9 +795,12 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
     except _ClientGone:
         client_gone = True
     except _UPSTREAM_ERRORS as exc:
-        if call.live.cut_reason is None and not held:
+        if live.cut_reason is None and not held:
             problem = _failure(exc, call.proxy, "the stream broke off")
-    cut = call.live.cut_reason if not held else None  # a stream the upstream finished is delivered whole
+    live.waiting = None
+    if live.timed_out and not held:
+        problem = _silence(call.proxy)
+    cut = live.cut_reason if not held else None  # a stream the upstream finished is delivered whole
     if not (last or upstream.content.at_eof()):
         upstream.close()  # stop the generation, and the billing, at once
     metered = meter.result()
@@ -847,7 +860,7 @@ async def _pass_through(request: web.Request, *, free: bool) -> web.StreamRespon
     """Forward a call rk does not meter, streamed both ways, and record it as unmetered. A call that is not
     free is refused while a cost budget is set, unless `--allow-unmetered`: its spend could not count."""
     provider = provider_for(client_path(request), request.headers)
-    run = await _resolve(request, provider)
+    run = _dotted(request) or await _resolve(request, provider)
     if not isinstance(run, LiveRun):
         return run
     try:
@@ -905,6 +918,7 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
     try:
         try:
             live.connecting = asyncio.current_task()
+            live.wait()
             try:
                 upstream = await request.app[SESSION].request(
                     request.method,
@@ -916,17 +930,18 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
                 )
             finally:
                 live.connecting = None
-        except _UPSTREAM_ERRORS as exc:
-            failure = _failure(exc, proxy, f"could not reach {proxy.upstreams[provider.name]}")
+        except (*_UPSTREAM_ERRORS, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                if live.cut_reason is None and not live.timed_out:
+                    raise  # the client went away, or rk is stopping
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                if live.cut_reason is not None:
+                    status, error = 402, f"cut: {live.cut_reason}"
+                    return _refusal(provider, live.cut_reason, live.why(governor), _rk_headers(run, seq))
+            failure = _failure(exc, proxy, f"could not reach {proxy.upstreams[provider.name]}", live)
             status, error = failure.status, failure.problem
             body = provider.error_body(failure.message, ErrorKind.UPSTREAM, failure.code())
             return _json_response(status, body, _rk_headers(run, seq))
-        except asyncio.CancelledError:
-            if live.cut_reason is None:
-                raise  # the client went away, or rk is stopping
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            status, error = 402, f"cut: {live.cut_reason}"
-            return _refusal(provider, live.cut_reason, live.why(governor), _rk_headers(run, seq))
         live.upstream = upstream
         try:
             status, error = upstream.status, None
@@ -935,15 +950,20 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
+                    live.waiting = None  # (a client slow to take it is not the upstream's silence)
                     await response.write(chunk)
+                    live.wait()
             except (ConnectionError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as exc:
                 error = "client disconnected"
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             except _UPSTREAM_ERRORS as exc:
-                error = _failure(exc, proxy, "the body broke off").problem
+                error = _failure(exc, proxy, "the body broke off", live).problem
+            live.waiting = None
             if live.cut_reason is not None:
                 error = f"cut: {live.cut_reason}"
+            elif live.timed_out:
+                error = _silence(proxy).problem
             if error is None:
                 with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
                     await response.write_eof()

@@ -30,9 +30,10 @@ _CUTS_EVERY_CALL = frozenset({HaltReason.KILLED, HaltReason.TIME})
 
 class LiveCall:
     """An admitted call in flight; `cut()` ends it from outside its own task: by closing its upstream
-    response, or, while the request is still on its way there, by cancelling that wait."""
+    response, or, while the request is still on its way there, by cancelling that wait. `time_out()` ends it
+    the same way when its upstream has been silent too long (see `watch_silence`)."""
 
-    __slots__ = ("connecting", "cut_message", "cut_reason", "streaming", "upstream")
+    __slots__ = ("connecting", "cut_message", "cut_reason", "seen", "streaming", "timed_out", "upstream", "waiting")
 
     def __init__(self) -> None:
         self.cut_reason: HaltReason | None = None
@@ -40,6 +41,21 @@ class LiveCall:
         self.connecting: asyncio.Task[object] | None = None  # the task waiting for the upstream's answer
         self.upstream: aiohttp.ClientResponse | None = None
         self.streaming = False
+        self.waiting: float | None = None  # since when (loop time) rk has waited on the upstream; None: it is not
+        self.seen = 0  # the upstream's body bytes when last looked at
+        self.timed_out = False
+
+    def wait(self) -> None:
+        """rk is waiting on the upstream again (it had stopped to write to the client)."""
+        self.waiting = asyncio.get_running_loop().time()
+
+    def time_out(self) -> None:
+        if self.cut_reason is None and not self.timed_out:
+            self.timed_out = True
+            if self.upstream is not None:
+                self.upstream.close()
+            elif self.connecting is not None:
+                self.connecting.cancel()
 
     def why(self, governor: Governor) -> str:
         """The message for the client of a call that was cut."""
@@ -144,6 +160,31 @@ class LiveRun:
         for listener in self.halt_listeners:
             listener(reason)
         self._wake()
+
+
+async def watch_silence(runs: Runs, limit: float) -> None:
+    """The read timeout: time out every call whose upstream has sent nothing for `limit` seconds while rk
+    waited on it (a client too slow to take what was sent is not the upstream's silence).
+
+    One look every tenth of the limit (at most every second), rather than a timer per read, which costs the
+    proxy more than anything else it does per call: a call times out within 1.2x its limit (or 2 s past it)."""
+    loop = asyncio.get_running_loop()
+    period = min(limit / 10, 1.0)
+    while True:
+        await asyncio.sleep(period)
+        now = loop.time()
+        for run in runs.live():
+            for call in run.calls:
+                since = call.waiting
+                if since is None or call.timed_out:
+                    continue
+                if call.upstream is not None:
+                    received = call.upstream.content.total_bytes
+                    if received != call.seen:
+                        call.seen, call.waiting = received, now
+                        continue
+                if now - since >= limit:
+                    call.time_out()
 
 
 @dataclass(frozen=True, slots=True)
