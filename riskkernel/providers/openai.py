@@ -249,6 +249,12 @@ def _finish_reasons(choices: list[Any], reasons: list[str]) -> None:
             reasons.append(reason)
 
 
+def _count_choices(choices: list[Any], metered: Metered) -> None:
+    """Add what streamed `choices` generated, and why they stopped, to a stream's meter."""
+    metered.output_chars += sum(_choice_chars(choice) for choice in choices)
+    _finish_reasons(choices, metered.finish_reasons)
+
+
 def _error_message(error: Any) -> str | None:
     if isinstance(error, dict):
         return str(error.get("message") or error.get("type") or "error")
@@ -393,8 +399,7 @@ class ChatStream:
         m = self.metered
         choices = _delta_choices(data, m.service_tier is not None) if m.model is not None else None
         if choices is not None:  # the fast path: the same as below, for a chunk with nothing else to read
-            m.output_chars += sum(_choice_chars(choice) for choice in choices)
-            _finish_reasons(choices, m.finish_reasons)
+            _count_choices(choices, m)
             return (_without_null_usage(event.raw) if self.hide_usage else event.raw), Position.MORE
         obj = _load(data) if data.startswith("{") else {}
         if not obj:
@@ -413,8 +418,7 @@ class ChatStream:
             elif usage is None and self.hide_usage:
                 raw = _without_null_usage(raw)
         if isinstance(choices, list):
-            m.output_chars += sum(_choice_chars(choice) for choice in choices)
-            _finish_reasons(choices, m.finish_reasons)
+            _count_choices(choices, m)
         if obj.get("error"):  # the SDK raises on it at once: it ends the stream as the client sees it
             m.error = _error_message(obj["error"]) or str(obj["error"])  # any error ends it, a bare string too
             return raw, Position.LAST

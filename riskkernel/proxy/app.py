@@ -958,7 +958,7 @@ async def _pass_through_in(request: web.Request, provider: Provider, run: LiveRu
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             except _UPSTREAM_ERRORS as exc:
-                error = _failure(exc, proxy, "the body broke off", live).problem
+                error = _failure(exc, proxy, "the body broke off").problem
             live.waiting = None
             if live.cut_reason is not None:
                 error = f"cut: {live.cut_reason}"
