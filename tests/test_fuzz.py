@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from riskkernel.models import Usage
-from riskkernel.providers import Endpoint, Metered, Position, Request, StreamMeter
+from riskkernel.providers import Endpoint, Metered, Position, Request, StreamMeter, meter_chunk
 from riskkernel.providers import anthropic as an
 from riskkernel.providers import openai as oa
 from riskkernel.providers.catalog import ENDPOINTS
@@ -372,8 +372,7 @@ def relay(meter: StreamMeter, chunks: list[bytes]) -> tuple[bytes, list[Position
     shown: list[bytes] = []
     positions: list[Position] = []
     for chunk in chunks:
-        for event in decoder.feed(chunk):
-            data, position = meter.feed(event)
+        for data, position in meter_chunk(decoder, meter, chunk):
             assert isinstance(data, bytes) and isinstance(position, Position)
             shown.append(data)
             positions.append(position)
@@ -504,6 +503,37 @@ def test_a_chat_chunk_is_metered_alike_whether_parsed_whole_or_in_part(
     if hide_usage and expected.get("usage", 0) is None and not expected.get("error"):
         relayed = json.loads(shown[6:].decode("utf-8", "surrogatepass"))
         assert relayed == {k: v for k, v in expected.items() if k != "usage"}
+
+
+@settings(FUZZ, max_examples=200)  # many shapes of chunk, each rare
+@given(
+    chunks=st.lists(st.tuples(_chunks, st.booleans(), st.booleans()), min_size=1, max_size=6),
+    opening=st.booleans(),
+    done=st.booleans(),
+    hide_usage=st.booleans(),
+)
+def test_chat_chunks_met_in_one_read_are_metered_as_when_fed_one_by_one(
+    chunks: list[tuple[dict[str, Any], bool, bool]], opening: bool, done: bool, hide_usage: bool
+) -> None:
+    """A network read of whole one-line events goes to the chat meter at once (`feed_plain`), which reads
+    only the choices of those it can: it must meter them, and show the client, exactly what feeding them
+    one by one does, whatever they hold."""
+    events = ['{"model":"m","service_tier":"default","choices":[]}'] if opening else []
+    for chunk, spaced, null_usage_last in chunks:
+        if null_usage_last:  # where OpenAI puts it
+            chunk = {**{k: v for k, v in chunk.items() if k != "usage"}, "usage": None}
+        events.append(json.dumps(chunk, separators=(", ", ": ") if spaced else (",", ":"), ensure_ascii=False))
+    blob = b"".join(f"data: {data}\n\n".encode("utf-8", "surrogatepass") for data in events)
+    blob += b"data: [DONE]\n\n" if done else b""
+    req = Request(model="m", stream=True, body=b"", input_tokens=0, max_output_tokens=None, hide_usage=hide_usage)
+    one_by_one, at_once = oa.ChatStream(req), oa.ChatStream(req)
+
+    fed = [one_by_one.feed(event) for event in SSEDecoder().feed(blob)]
+    pieces = meter_chunk(SSEDecoder(), at_once, blob)
+
+    assert b"".join(shown for shown, _ in pieces) == b"".join(shown for shown, _ in fed)
+    assert [p for _, p in pieces if p is not Position.MORE] == [p for _, p in fed if p is not Position.MORE]
+    assert at_once.result() == one_by_one.result()
 
 
 @STREAMED

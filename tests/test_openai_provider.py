@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from riskkernel.models import Usage
-from riskkernel.providers import ErrorKind, Position
+from riskkernel.providers import ErrorKind, Position, meter_chunk
 from riskkernel.providers import openai as oa
 from riskkernel.providers.sse import SSEDecoder
 from tests.fakes import Reply, compact, usage
@@ -87,8 +87,7 @@ def replay(transcript: bytes, cuts: list[int], hide_usage: bool) -> tuple[bytes,
     out = []
     bounds = [0, *cuts, len(transcript)]
     for a, b in itertools.pairwise(bounds):
-        for event in decoder.feed(transcript[a:b]):
-            data, _ = meter.feed(event)
+        for data, _ in meter_chunk(decoder, meter, transcript[a:b]):
             out.append(data)
     return b"".join(out), meter.result()
 
@@ -111,6 +110,19 @@ def test_stream_metering_is_the_same_at_every_split() -> None:
         assert metered.output_chars == expected_chars
         assert metered.finish_reasons == ["tool_calls"]
     assert oa.meter_chat(TOOL_REPLY.whole()).finish_reasons == ["tool_calls"]
+
+
+def test_escaped_text_is_counted_as_the_characters_it_stands_for() -> None:
+    """Text arrives JSON-escaped (quotes, line breaks, non-ASCII as `\\u` escapes): what is counted is its
+    characters, whether its chunks come in one network read or in many."""
+    reply = Reply(text='Line one\n"two" \u2014 caf\u00e9 \U0001f600 \\ done')
+    forced = reply.stream_bytes(include_usage=True)
+    ends = list(itertools.accumulate(len(event.raw) for event in SSEDecoder().feed(forced)))
+    # (the text's chunks in one read of their own; each in its own; all the stream in one read)
+    for cuts in ([ends[0], ends[-4]], ends, []):
+        shown, metered = replay(forced, cuts, hide_usage=True)
+        assert shown == reply.stream_bytes(include_usage=False)
+        assert metered.output_chars == len(reply.text or "") == 30
 
 
 def test_a_client_that_asked_for_usage_sees_the_stream_unchanged() -> None:

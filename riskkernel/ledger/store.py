@@ -50,6 +50,15 @@ _BATCH = 512
 _BAD_WRITE = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, ValueError, TypeError)
 
 
+def _null(_: None) -> None:
+    return None
+
+
+# sqlite3 binds None as NULL, but (CPython 3.11) only after failing to find an adapter for it, which costs
+# more than the rest of a call's insert; with one registered, the lookup succeeds at once.
+sqlite3.register_adapter(type(None), _null)
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), creating the file 0600 if needed."""
     try:

@@ -17,7 +17,7 @@ from enum import IntEnum, StrEnum
 from typing import Any, Protocol
 
 from riskkernel.models import Usage
-from riskkernel.providers.sse import Event
+from riskkernel.providers.sse import Event, SSEDecoder
 
 CHARS_PER_TOKEN = 4  # how rk estimates tokens from text it has not been told the usage of
 MEDIA_TOKENS = 1000  # flat estimate for one image, audio clip, file or document in a request
@@ -80,7 +80,28 @@ class StreamMeter(Protocol):
         """The bytes the client should see for this event, and where it leaves the stream."""
         ...
 
+    def feed_plain(self, block: bytes) -> tuple[bytes, int]:
+        """`feed` for many events at once: `block` is whole events of one `data: ` line each. Meters those
+        at its start that are ordinary generation (`Position.MORE`, every one) and returns the bytes the
+        client should see for them, and how many bytes of `block` they are (0: feed them one by one)."""
+        ...
+
     def result(self) -> Metered: ...
+
+
+def meter_chunk(decoder: SSEDecoder, meter: StreamMeter, chunk: bytes) -> list[tuple[bytes, Position]]:
+    """A stream's next network chunk, metered: the bytes the client should see, piece by piece, and where
+    each piece leaves the stream. Whole one-line events at its start go to the meter at once, if it can
+    take them so; the rest, event by event."""
+    pieces: list[tuple[bytes, Position]] = []
+    plain = decoder.plain_prefix(chunk)
+    if plain:
+        shown, used = meter.feed_plain(chunk[:plain])
+        if used:
+            pieces.append((shown, Position.MORE))
+            chunk = chunk[used:]
+    pieces += [meter.feed(event) for event in decoder.feed(chunk)]
+    return pieces
 
 
 class ErrorKind(StrEnum):

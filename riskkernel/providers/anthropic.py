@@ -192,6 +192,9 @@ class MessagesStream:
             self.usage = {**(self.usage or {}), **{k: v for k, v in usage.items() if v is not None}}
             self.metered.usage = messages_usage(self.usage)
 
+    def feed_plain(self, block: bytes) -> tuple[bytes, int]:
+        return b"", 0  # its events are named (`event:` lines): never plain
+
     def result(self) -> Metered:
         return self.metered
 

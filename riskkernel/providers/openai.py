@@ -15,6 +15,7 @@ cache-write) tokens; reasoning tokens are inside `completion_tokens` / `output_t
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -345,7 +346,7 @@ def meter_responses(body: bytes) -> Metered:
     return metered
 
 
-_DECODER = json.JSONDecoder()
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # (raw_decode without its Python frame: raises StopIteration on no value)
 _NULL_USAGE_END = b',"usage":null}\n\n'
 
 
@@ -376,10 +377,99 @@ def _delta_choices(data: str, tier_known: bool) -> list[Any] | None:
         if at < 0:
             return None
     try:
-        choices, _ = _DECODER.raw_decode(data, at + 11)
-    except (ValueError, RecursionError):
+        choices = _SCAN(data, at + 11)[0]
+    except (StopIteration, ValueError, RecursionError):
         return None
     return choices if isinstance(choices, list) else None
+
+
+def _ordinary_end(block: bytes, start: int, tier_known: bool) -> tuple[int, int]:
+    """Where, in a block of whole one-line events, the first event from `start` on with more to read than
+    its choices begins (one with an error, a usage that is not null, a service tier not yet known), and
+    how many `"usage"` the events before it hold. (`[DONE]` has no choices: `_count_deltas` refuses it.)"""
+    stop = len(block)
+    at = block.find(b'"error"', start)
+    if at >= 0:
+        stop = at
+    if not tier_known:
+        at = block.find(b'"service_tier"', start, stop)
+        if at >= 0:
+            stop = at
+    usages = block.count(b'"usage"', start, stop)
+    if usages and usages != block.count(b'"usage":null', start, stop):
+        at = block.find(b'"usage"', start, stop)
+        while block.startswith(b'"usage":null', at):
+            at = block.find(b'"usage"', at + 12, stop)
+        stop = at
+    if stop == len(block):
+        return stop, usages
+    end = block.rfind(b"\n\n", start, stop)
+    stop = start if end < 0 else end + 2
+    return stop, block.count(b'"usage"', start, stop)
+
+
+def _without_null_usages(part: bytes, events: int, usages: int) -> bytes | None:
+    """`_without_null_usage` for a block of whole one-line events, with `usages` `"usage"` in all. None
+    unless it is sure to cut every event as that does, which needs one in each: they are then cut one by
+    one."""
+    if not usages:
+        return part
+    if usages != events:
+        return None
+    stripped = part.replace(_NULL_USAGE_END, b"}\n\n")
+    if len(part) - len(stripped) == events * (len(_NULL_USAGE_END) - 3):  # one ending each event, as OpenAI's
+        return stripped
+    if _TWO_USAGES.search(part):  # (else, with as many as there are events, there is one in each)
+        return None
+    stripped, n = _NULL_USAGE.subn(b"", part)  # (a match never reaches past its event's line)
+    return stripped if n == events else None
+
+
+_TWO_USAGES = re.compile(rb'"usage"[^\n]*"usage"')
+# The commonest streamed chunk by far: one choice that generates text and nothing else (its text captured
+# as JSON has it, escapes and all). In JSON the key "choices" follows `{` or `,` (not checked: in a chunk
+# that is not JSON this may count text `feed` would not), and the text of a string cannot hold
+# `"choices":[` (its quotes are escaped). A match takes the rest of its line: one per event at most.
+_TEXT_DELTA = re.compile(
+    r'"choices":\[\{"index":(?:0|[1-9]\d*),"delta":\{"content":"((?:[^"\\\x00-\x1f]++|\\.)*+)"\}'
+    r'(?:,"logprobs":null)?(?:,"finish_reason":null)?\}\][^\n]*'
+)
+_SCAN_TEXT = json.decoder.scanstring  # type: ignore[attr-defined]  # (C) a JSON string from just after its opening quote
+
+
+def _count_deltas(text: str, events: int, reasons: list[str]) -> tuple[int, list[str]] | None:
+    """What a block of whole one-line chunks generated: its characters, and the finish reasons so far
+    (`reasons`, then its own), as `_delta_choices` reads each chunk that is JSON. None if a chunk's choices
+    cannot be read alone: the caller then reads each chunk as `feed` does."""
+    if text.count('"choices"') != events:
+        return None
+    texts = _TEXT_DELTA.findall(text)
+    if len(texts) == events:  # (with one "choices" in each, one match in each)
+        joined = "".join(texts)
+        if "\\" not in joined:
+            return len(joined), reasons
+        with contextlib.suppress(ValueError):  # (an escape JSON does not have: read each chunk as `feed` does)
+            return sum(len(_SCAN_TEXT(t + '"', 0)[0]) for t in texts), reasons
+    chars, reasons = 0, list(reasons)
+    pos = 0
+    for _ in range(events):
+        end = text.find("\n", pos)
+        at = text.find(',"choices":[', pos, end)
+        if at < 0:
+            at = text.find('{"choices":[', pos, end)
+            if at < 0:
+                return None  # (then another event has two)
+        try:
+            choices = _SCAN(text, at + 11)[0]
+        except (StopIteration, ValueError, RecursionError):
+            return None
+        if not isinstance(choices, list):
+            return None
+        for choice in choices:
+            chars += _choice_chars(choice)
+        _finish_reasons(choices, reasons)
+        pos = end + 2
+    return chars, reasons
 
 
 class ChatStream:
@@ -402,12 +492,16 @@ class ChatStream:
             _count_choices(choices, m)
             return (_without_null_usage(event.raw) if self.hide_usage else event.raw), Position.MORE
         obj = _load(data) if data.startswith("{") else {}
+        return self._read(obj, event.raw)
+
+    def _read(self, obj: dict[str, Any], raw: bytes) -> tuple[bytes, Position]:
+        """`feed` for a chunk parsed whole."""
         if not obj:
-            return event.raw, Position.MORE
+            return raw, Position.MORE
+        m = self.metered
         if m.model is None:
             m.model = _str(obj, "model")
         m.service_tier = _str(obj, "service_tier") or m.service_tier
-        raw = event.raw
         choices = obj.get("choices")
         if "usage" in obj:
             usage = obj["usage"]
@@ -423,6 +517,35 @@ class ChatStream:
             m.error = _error_message(obj["error"]) or str(obj["error"])  # any error ends it, a bare string too
             return raw, Position.LAST
         return raw, Position.MORE
+
+    def feed_plain(self, block: bytes) -> tuple[bytes, int]:
+        """`feed` for many events at once (see `StreamMeter.feed_plain`): the leading events of `block` that
+        are ordinary generation have only their choices read, all of them in one pass."""
+        m = self.metered
+        start, shown = 0, b""
+        if m.model is None:  # a stream's first chunk is read whole, for its model and tier
+            start = block.find(b"\n\n") + 2
+            data = block[6 : start - 2].decode("utf-8", "replace")
+            obj = _load(data) if data.startswith("{") else {}
+            if not obj or isinstance(obj.get("usage"), dict) or obj.get("error"):
+                return b"", 0  # (not ordinary generation: for `feed`)
+            shown = self._read(obj, block[:start])[0]
+            if m.model is None:
+                return shown, start
+        stop, usages = _ordinary_end(block, start, m.service_tier is not None)
+        if stop == start:
+            return shown, start
+        part = block[start:stop]
+        events = part.count(b"\n") // 2
+        relayed = _without_null_usages(part, events, usages) if self.hide_usage else part
+        if relayed is None:
+            return shown, start  # for `feed`, event by event
+        counted = _count_deltas(part.decode("utf-8", "replace"), events, m.finish_reasons)
+        if counted is None:
+            return shown, start  # for `feed`, event by event
+        m.output_chars += counted[0]
+        m.finish_reasons = counted[1]
+        return shown + relayed, stop
 
     def result(self) -> Metered:
         return self.metered
@@ -453,6 +576,9 @@ class ResponsesStream:
             self.metered.error = str(obj.get("message") or _error_message(obj.get("error")) or "error event")
             return event.raw, Position.LAST
         return event.raw, Position.MORE
+
+    def feed_plain(self, block: bytes) -> tuple[bytes, int]:
+        return b"", 0  # its events are named (`event:` lines): never plain
 
     def result(self) -> Metered:
         return self.metered

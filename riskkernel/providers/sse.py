@@ -65,6 +65,22 @@ class SSEDecoder:
         self._pos = pos - start
         return events
 
+    def plain_prefix(self, chunk: bytes) -> int:
+        """How many bytes at the start of `chunk` are whole events of one `data: ` line each, ended by LF
+        (what nearly every stream sends): a caller may take those itself, at once, and `feed` the rest.
+        0 while an event is incomplete.
+
+        Checked with counts, not event by event. The prefix ends with a blank line; if it holds 2k LFs and
+        k-1 blank lines followed by `data: `, each of those is a run of exactly two LFs, and so is its end:
+        every other run would add LFs and no event."""
+        if self._buf:
+            return 0
+        end = chunk.rfind(b"\n\n") + 2
+        if end < 2 or not chunk.startswith(b"data: ") or chunk.find(b"\r", 0, end) >= 0:
+            return 0
+        lfs = chunk.count(b"\n", 0, end)
+        return end if lfs % 2 == 0 and chunk.count(b"\n\ndata: ", 0, end) == lfs // 2 - 1 else 0
+
     @staticmethod
     def _plain_events(chunk: bytes, events: list[Event]) -> int:
         """The fast path, for what nearly every stream sends: events of one `data: ` line, ended by LF. Takes

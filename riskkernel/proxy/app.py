@@ -48,6 +48,7 @@ from riskkernel.providers import (
     Request,
     StreamMeter,
     estimate_tokens,
+    meter_chunk,
     redact,
     set_top_level,
     subject,
@@ -758,8 +759,7 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
         async for chunk in upstream.content.iter_any():
             call.mark_first_byte()
             out = []
-            for event in decoder.feed(chunk):
-                data, position = meter.feed(event)
+            for data, position in meter_chunk(decoder, meter, chunk):
                 if position is Position.MORE and not held:
                     if data:
                         out.append(data)
