@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class HaltReason(StrEnum):
@@ -112,12 +112,14 @@ class Budget:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """Token counts of one call, normalised to OpenAI's sense whatever the provider said.
 
     `input_tokens` counts every input token: cache reads, cache writes and audio are parts of it.
     `output_tokens` counts every output token: reasoning and audio are parts of it.
+
+    (A named tuple, as immutable as a frozen dataclass: the proxy makes a few per call, and a frozen
+    dataclass, which sets each field through `object.__setattr__`, costs three times as much to make.)
     """
 
     input_tokens: int = 0
@@ -134,19 +136,19 @@ class Usage:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+    def __add__(self, other: Usage) -> Usage:  # type: ignore[override]  # (counts add up; tuples would concatenate)
+        return Usage(*(mine + theirs for mine, theirs in zip(self, other, strict=True)))
 
 
 # The usage a run's totals show, in order.
 USAGE_COLUMNS = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens")
 # The usage a call's row keeps: all of it, so that its cost can be worked out again from the row.
-CALL_USAGE_COLUMNS = tuple(f.name for f in fields(Usage))
+CALL_USAGE_COLUMNS = Usage._fields
 
 
-@dataclass(frozen=True, slots=True)
-class CallRecord:
-    """One call as the ledger keeps it. Bodies (prompts, completions) are never part of it."""
+class CallRecord(NamedTuple):
+    """One call as the ledger keeps it. Bodies (prompts, completions) are never part of it. (A named tuple,
+    as `Usage` is: one is made per call.)"""
 
     run_id: str
     seq: int  # order of arrival in the run, refused calls included
@@ -157,7 +159,7 @@ class CallRecord:
     model: str | None  # as served by the upstream; the requested model when the upstream did not say
     stream: bool
     status: int  # the HTTP status the client received
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = Usage()
     cost: Decimal = Decimal(0)
     price_source: str | None = None
     flags: tuple[str, ...] = ()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from riskkernel.models import Usage
-from riskkernel.providers import Endpoint, Metered, Position, Request, StreamMeter, meter_chunk
+from riskkernel.providers import Endpoint, Metered, Position, Request, StreamMeter, loads, meter_chunk
 from riskkernel.providers import anthropic as an
 from riskkernel.providers import openai as oa
 from riskkernel.providers.catalog import ENDPOINTS
@@ -388,9 +388,9 @@ def assert_sane(metered: Metered) -> None:
     """A meter's result is always a record rk can price and store: counts are non-negative ints."""
     assert isinstance(metered, Metered)
     if metered.usage is not None:
-        for field in fields(Usage):
-            value = getattr(metered.usage, field.name)
-            assert type(value) is int and value >= 0, (field.name, value)
+        for name in Usage._fields:
+            value = getattr(metered.usage, name)
+            assert type(value) is int and value >= 0, (name, value)
     for text in (metered.model, metered.service_tier, metered.error):
         assert text is None or isinstance(text, str)
     assert all(isinstance(reason, str) for reason in metered.finish_reasons)
@@ -620,6 +620,29 @@ def test_rk_alters_an_event_only_to_hide_the_usage_it_forced(
 
 
 # -- whole-response meters on garbage ---------------------------------------------------------------------
+
+
+@FUZZ
+@given(
+    data=st.binary(max_size=64)
+    | st.builds(encode, json_values, st.booleans())
+    | texts
+    | st.builds(lambda value, pad: f"{pad}{json.dumps(value)}{pad}", json_values, st.sampled_from(["", " \n"]))
+    | st.builds(
+        lambda value, pad: f"{pad}{json.dumps(value)}{pad}".encode("utf-16"), json_values, st.sampled_from(["", " \n"])
+    )
+    | st.sampled_from([b"\xef\xbb\xbf{}", b"{} x", b" [1] ", b"\xed\xa0\x80", b"{"])
+)
+def test_rk_reads_json_exactly_as_the_json_module_does(data: bytes | str) -> None:
+    """`loads` skips json's Python layers for speed: every input must give the same value, or the same error."""
+    try:
+        expected = json.loads(data)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as raised:
+            loads(data)
+        assert (type(raised.value), str(raised.value)) == (type(exc), str(exc))
+        return
+    assert canonical(loads(data)) == canonical(expected)
 
 
 @each("meter")

@@ -361,7 +361,7 @@ def insert_call(call: CallRecord) -> Write:
         _text(call.model),
         int(call.stream),
         call.status,
-        *(getattr(call.usage, column) for column in CALL_USAGE_COLUMNS),
+        *call.usage,  # (in the order of CALL_USAGE_COLUMNS)
         to_pusd(call.cost),
         _text(call.price_source),
         ",".join(call.flags),

@@ -150,10 +150,46 @@ class Endpoint:
         return self.provider.error_body
 
 
+SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # (C) one JSON value at an index, or StopIteration
+
+
+def loads(data: bytes | str) -> Any:
+    """`json.loads`, at half its cost for the usual UTF-8 text (encoding detection and the decoder's Python
+    layers skipped); the same value, or the same errors, for any input."""
+    if isinstance(data, bytes):
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            return json.loads(data)  # UTF-16 or -32, or encoded surrogates: as json reads them
+        if text[:1] == "\ufeff" or "\x00" in text[:2]:
+            return json.loads(data)  # (what json takes for a byte order mark, or UTF-16 or -32 text)
+    else:
+        text = data
+    start = 0 if text[:1] == "{" else _WHITESPACE.match(text).end()  # type: ignore[union-attr]
+    try:
+        value, end = SCAN(text, start)
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    if end != len(text):
+        end = _WHITESPACE.match(text, end).end()  # type: ignore[union-attr]
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
+def load_dict(data: bytes | str) -> dict[str, Any]:
+    """The JSON object `data` is, or {} if it is some other JSON, or not JSON."""
+    try:
+        obj = loads(data)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def load_object(body: bytes) -> dict[str, Any]:
     """The request as a JSON object with a model, or ValueError with a message for the client."""
     try:
-        obj = json.loads(body)
+        obj = loads(body)
     except ValueError:
         raise ValueError("rk: the request body is not valid JSON") from None
     except RecursionError:
@@ -170,7 +206,7 @@ def load_object(body: bytes) -> dict[str, Any]:
 
 def positive_int(value: Any) -> int:
     """An integer field of a request or a usage report, or 0 if it is missing or not a positive integer."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return value if type(value) is int and value > 0 else 0  # (JSON has no int subclass but bool: excluded)
 
 
 def text_len(value: Any) -> int:

@@ -25,6 +25,7 @@ from riskkernel.providers import (
     Position,
     Provider,
     Request,
+    load_dict,
     load_object,
     measure_input,
     positive_int,
@@ -108,14 +109,6 @@ def messages_usage(usage: dict[str, Any]) -> Usage:
     )
 
 
-def _load(data: bytes | str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
 def _block_chars(block: Any) -> int:
     """Generated text in a content block or a block delta: text, thinking, tool input."""
     if not isinstance(block, dict):
@@ -134,7 +127,7 @@ def _error_message(obj: dict[str, Any]) -> str | None:
 
 
 def meter_messages(body: bytes) -> Metered:
-    obj = _load(body)
+    obj = load_dict(body)
     usage = obj.get("usage")
     model = obj.get("model")
     metered = Metered(
@@ -162,7 +155,7 @@ class MessagesStream:
     def feed(self, event: Event) -> tuple[bytes, Position]:
         if event.data is None:
             return event.raw, Position.MORE
-        obj = _load(event.data)
+        obj = load_dict(event.data)
         kind = obj.get("type") or event.event
         if kind == "content_block_delta":
             self.metered.output_chars += _block_chars(obj.get("delta"))

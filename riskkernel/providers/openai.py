@@ -25,6 +25,7 @@ from typing import Any
 
 from riskkernel.models import Usage
 from riskkernel.providers import (
+    SCAN,
     Endpoint,
     ErrorKind,
     Metered,
@@ -32,6 +33,7 @@ from riskkernel.providers import (
     Provider,
     Request,
     append_field,
+    load_dict,
     load_object,
     measure_input,
     positive_int,
@@ -262,14 +264,6 @@ def _error_message(error: Any) -> str | None:
     return None
 
 
-def _load(body: bytes | str) -> dict[str, Any]:
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
 def _str(obj: dict[str, Any], key: str) -> str | None:
     value = obj.get(key)
     return value if isinstance(value, str) else None
@@ -277,7 +271,7 @@ def _str(obj: dict[str, Any], key: str) -> str | None:
 
 def meter_chat(body: bytes) -> Metered:
     """A whole chat completion, legacy completion or embeddings response."""
-    obj = _load(body)
+    obj = load_dict(body)
     usage = obj.get("usage")
     metered = Metered(
         usage=chat_usage(usage) if isinstance(usage, dict) else None,
@@ -338,7 +332,7 @@ def _meter_response(response: dict[str, Any], metered: Metered) -> None:
 
 
 def meter_responses(body: bytes) -> Metered:
-    obj = _load(body)
+    obj = load_dict(body)
     metered = Metered(error=_error_message(obj.get("error")) if "output" not in obj else None)
     _meter_response(obj, metered)
     if metered.usage is None:
@@ -346,7 +340,6 @@ def meter_responses(body: bytes) -> Metered:
     return metered
 
 
-_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # (raw_decode without its Python frame: raises StopIteration on no value)
 _NULL_USAGE_END = b',"usage":null}\n\n'
 
 
@@ -377,7 +370,7 @@ def _delta_choices(data: str, tier_known: bool) -> list[Any] | None:
         if at < 0:
             return None
     try:
-        choices = _SCAN(data, at + 11)[0]
+        choices = SCAN(data, at + 11)[0]
     except (StopIteration, ValueError, RecursionError):
         return None
     return choices if isinstance(choices, list) else None
@@ -460,7 +453,7 @@ def _count_deltas(text: str, events: int, reasons: list[str]) -> tuple[int, list
             if at < 0:
                 return None  # (then another event has two)
         try:
-            choices = _SCAN(text, at + 11)[0]
+            choices = SCAN(text, at + 11)[0]
         except (StopIteration, ValueError, RecursionError):
             return None
         if not isinstance(choices, list):
@@ -491,7 +484,7 @@ class ChatStream:
         if choices is not None:  # the fast path: the same as below, for a chunk with nothing else to read
             _count_choices(choices, m)
             return (_without_null_usage(event.raw) if self.hide_usage else event.raw), Position.MORE
-        obj = _load(data) if data.startswith("{") else {}
+        obj = load_dict(data) if data.startswith("{") else {}
         return self._read(obj, event.raw)
 
     def _read(self, obj: dict[str, Any], raw: bytes) -> tuple[bytes, Position]:
@@ -526,7 +519,7 @@ class ChatStream:
         if m.model is None:  # a stream's first chunk is read whole, for its model and tier
             start = block.find(b"\n\n") + 2
             data = block[6 : start - 2].decode("utf-8", "replace")
-            obj = _load(data) if data.startswith("{") else {}
+            obj = load_dict(data) if data.startswith("{") else {}
             if not obj or isinstance(obj.get("usage"), dict) or obj.get("error"):
                 return b"", 0  # (not ordinary generation: for `feed`)
             shown = self._read(obj, block[:start])[0]
@@ -563,7 +556,7 @@ class ResponsesStream:
     def feed(self, event: Event) -> tuple[bytes, Position]:
         if event.data is None:
             return event.raw, Position.MORE
-        obj = _load(event.data)
+        obj = load_dict(event.data)
         kind = _str(obj, "type") or event.event  # a string: a list or object here is unhashable
         if kind in _RESPONSE_ENDS or kind == "response.created":
             response = obj.get("response")

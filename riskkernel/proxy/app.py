@@ -310,7 +310,7 @@ class _Call:
             fits = self._fitting_output(governor.room())
             if fits is not None and STRICT_MIN_OUTPUT <= fits < limit:
                 limit = fits
-        worst = self._worst(limit)
+        worst = self._worst(limit) if limit != self.limit else self.worst
         estimate = Spend(self._worst_cost(worst), worst.total_tokens, 1)
         self.reserved = estimate.cost
         admitted = governor.admit(estimate)
@@ -342,7 +342,7 @@ class _Call:
         self,
         status: int,
         *,
-        usage: Usage = Usage(),  # noqa: B008 - frozen
+        usage: Usage = Usage(),  # noqa: B008 - immutable
         cost: Decimal = ZERO,
         model: str | None = None,
         source: str | None = None,
@@ -427,7 +427,7 @@ class _Call:
         else:
             cost, source = rates.cost(usage), rates.source
             if usage.cached_input_tokens:  # what the same input would have cost uncached
-                savings = rates.cost(replace(usage, cached_input_tokens=0)) - cost
+                savings = rates.cost(usage._replace(cached_input_tokens=0)) - cost
         if cut is not None:
             flags.append(Flag.CUT)
             error = f"cut: {cut}"
@@ -840,7 +840,7 @@ def _so_far(metered: Metered, req: Request) -> Usage:
     reported = metered.usage
     if reported is None:
         return Usage(input_tokens=req.input_tokens, output_tokens=output)
-    return replace(reported, output_tokens=max(reported.output_tokens, output))
+    return reported._replace(output_tokens=max(reported.output_tokens, output))
 
 
 def _running(metered: Metered, req: Request, rates: Rates | None) -> tuple[Decimal, int]:
