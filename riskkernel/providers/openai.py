@@ -364,13 +364,18 @@ def _delta_choices(data: str, tier_known: bool) -> list[Any] | None:
         return None
     if not tier_known and '"service_tier"' in data:
         return None
-    at = data.find(',"choices":[')
+    return _choices_in(data, 0, len(data))
+
+
+def _choices_in(text: str, start: int, end: int) -> list[Any] | None:
+    """The `choices` array of the chunk `text[start:end]` (which has one key "choices"), parsed alone."""
+    at = text.find(',"choices":[', start, end)
     if at < 0:
-        at = data.find('{"choices":[')
+        at = text.find('{"choices":[', start, end)
         if at < 0:
             return None
     try:
-        choices = SCAN(data, at + 11)[0]
+        choices = SCAN(text, at + 11)[0]
     except (StopIteration, ValueError, RecursionError):
         return None
     return choices if isinstance(choices, list) else None
@@ -443,26 +448,16 @@ def _count_deltas(text: str, events: int, reasons: list[str]) -> tuple[int, list
             return len(joined), reasons
         with contextlib.suppress(ValueError):  # (an escape JSON does not have: read each chunk as `feed` does)
             return sum(len(_SCAN_TEXT(t + '"', 0)[0]) for t in texts), reasons
-    chars, reasons = 0, list(reasons)
+    counted = Metered(finish_reasons=list(reasons))
     pos = 0
     for _ in range(events):
         end = text.find("\n", pos)
-        at = text.find(',"choices":[', pos, end)
-        if at < 0:
-            at = text.find('{"choices":[', pos, end)
-            if at < 0:
-                return None  # (then another event has two)
-        try:
-            choices = SCAN(text, at + 11)[0]
-        except (StopIteration, ValueError, RecursionError):
+        choices = _choices_in(text, pos, end)  # (none: then another event has two "choices", or it is no JSON)
+        if choices is None:
             return None
-        if not isinstance(choices, list):
-            return None
-        for choice in choices:
-            chars += _choice_chars(choice)
-        _finish_reasons(choices, reasons)
+        _count_choices(choices, counted)
         pos = end + 2
-    return chars, reasons
+    return counted.output_chars, counted.finish_reasons
 
 
 class ChatStream:
