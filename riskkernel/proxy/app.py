@@ -812,16 +812,14 @@ async def _relay_stream(call: _Call, ticket: Ticket, upstream: aiohttp.ClientRes
         return response
     error = problem.problem if problem is not None else None
     await call.settle(ticket, upstream.status, metered, estimated=not finished, cut=cut, error=error)
-    try:
-        if cut is not None:
-            await response.write(endpoint.stream_error(call.live.why(run.governor), ErrorKind.BUDGET, str(cut)))
-        elif problem is not None:
-            await response.write(endpoint.stream_error(problem.message, ErrorKind.UPSTREAM, problem.code(stream=True)))
-        elif held:
-            await response.write(b"".join(held))
-        await response.write_eof()
-    except (ConnectionError, aiohttp.ClientConnectionResetError):
-        pass
+    if cut is not None:
+        tail = endpoint.stream_error(call.live.why(run.governor), ErrorKind.BUDGET, str(cut))
+    elif problem is not None:
+        tail = endpoint.stream_error(problem.message, ErrorKind.UPSTREAM, problem.code(stream=True))
+    else:
+        tail = b"".join(held)
+    with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+        await response.write_eof(tail)  # (with the end of the body, in one write)
     if last and not upstream.content.at_eof():
         # The client has it all. Read the upstream's close (normally already here) so that its connection
         # can serve the next call, but give up on one that lingers after its last event.
