@@ -101,6 +101,7 @@ async def spawn_serve(fake: FakeUpstream, *args: str) -> tuple[asyncio.subproces
     )
     assert proc.stderr is not None
     first = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+    assert first.startswith("rk serve: http://"), first  # its announcement, else why it has none
     return proc, first.split()[2]
 
 
